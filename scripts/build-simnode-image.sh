@@ -42,6 +42,6 @@ for unit in systemd-udevd.service systemd-udev-trigger.service systemd-modules-l
 done
 
 tar -C "$rootfs" -c . | docker import \
-  -c 'ENTRYPOINT ["/sbin/init"]' -c 'ENV container=docker' -c 'STOPSIGNAL SIGRTMIN+3' \
+  -c 'ENTRYPOINT ["/sbin/init"]' -c 'ENV container=docker' \
   - "$image" >&2
 echo "$image"
