@@ -1,1 +1,6 @@
-//! TODO
+//! TEMPORARY: replaced by the node branch at merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    ControlPlane,
+    Worker,
+}

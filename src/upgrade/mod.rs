@@ -1,1 +1,7 @@
-//! TODO
+//! The node upgrade engine: a [`plan`] decided from [`facts`] the node shows, executed as ordered
+//! [`step`]s, each check → act → verify, recorded in a [`journal`] kept inside the node.
+
+pub mod facts;
+pub mod journal;
+pub mod plan;
+pub mod step;

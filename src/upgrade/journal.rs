@@ -1,0 +1,222 @@
+//! The journal: what an upgrade did to a node, kept inside the node.
+//!
+//! The node is the source of truth, not the extension's memory: a restarted extension, a second
+//! replica, or the CLI all read the same record. Steps whose effect the node shows (a binary's
+//! version, a manifest's image tag) are re-checked instead of trusted; the journal holds what the
+//! node cannot show, above all whether *this upgrader* cordoned the node, so that it never
+//! uncordons a node an operator cordoned.
+//!
+//! Layout inside the node (under `/var`, which survives `docker restart` in kind and CAPD nodes,
+//! unlike the tmpfs `/run` and `/tmp`):
+//!
+//! ```text
+//! /var/lib/capd-inplace/
+//!   .lock                    flock(1) target that serialises lease changes
+//!   lease                    "<owner> <expiry unix seconds>": one upgrader at a time per node
+//!   <version>/journal.json   this file
+//!   <version>/bin/           staged kubeadm, kubelet, kubectl (verified by sha256 before use)
+//!   <version>/prev/          the binaries they replaced
+//! ```
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::step::Step;
+use crate::version::Version;
+
+pub const ROOT: &str = "/var/lib/capd-inplace";
+pub const LOCK_FILE: &str = "/var/lib/capd-inplace/.lock";
+pub const LEASE_FILE: &str = "/var/lib/capd-inplace/lease";
+
+/// Where one target version's files live in the node.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub dir: String,
+}
+
+impl Paths {
+    pub fn new(target: &Version) -> Self {
+        // `Version` only displays as vMAJOR.MINOR.PATCH, so this path cannot escape ROOT.
+        Paths {
+            dir: format!("{ROOT}/{target}"),
+        }
+    }
+
+    pub fn journal(&self) -> String {
+        format!("{}/journal.json", self.dir)
+    }
+
+    pub fn bin_dir(&self) -> String {
+        format!("{}/bin", self.dir)
+    }
+
+    pub fn staged(&self, binary: &str) -> String {
+        format!("{}/bin/{binary}", self.dir)
+    }
+
+    pub fn prev_dir(&self) -> String {
+        format!("{}/prev", self.dir)
+    }
+
+    pub fn upgrade_config(&self) -> String {
+        format!("{}/upgrade-configuration.yaml", self.dir)
+    }
+}
+
+/// The versions a node had before this upgrade touched it, for the record and for rollback by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FromVersions {
+    pub kubeadm: String,
+    pub kubelet: String,
+    pub kubectl: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedError {
+    pub step: Step,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Journal {
+    pub target: String,
+    /// `namespace/name` of the Machine when driven by CAPI; absent for the CLI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<FromVersions>,
+    #[serde(default)]
+    pub completed: BTreeSet<Step>,
+    /// True only between our cordon and our uncordon.
+    #[serde(default)]
+    pub cordoned_by_us: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<RecordedError>,
+    #[serde(default)]
+    pub done: bool,
+}
+
+impl Journal {
+    pub fn new(target: &Version, machine: Option<String>) -> Self {
+        Journal {
+            target: target.to_string(),
+            machine,
+            from: None,
+            completed: BTreeSet::new(),
+            cordoned_by_us: false,
+            last_error: None,
+            done: false,
+        }
+    }
+
+    /// The step an operator should look at: the first one not yet completed.
+    pub fn current_step(&self) -> Option<Step> {
+        if self.done {
+            return None;
+        }
+        Step::ALL.into_iter().find(|s| !self.completed.contains(s))
+    }
+}
+
+/// The lease protocol, run as `flock -w 10 LOCK_FILE sh -c LEASE_ACQUIRE sh LEASE_FILE OWNER TTL`.
+///
+/// The script is a constant: request data only ever arrives as positional arguments, never
+/// inside the script text. Time comes from the node's own clock, so two upgraders on hosts
+/// with different clocks still agree. Exit 75 (EX_TEMPFAIL) means another owner holds a live
+/// lease; its owner and expiry are printed.
+pub const LEASE_ACQUIRE: &str = r#"set -eu
+lease="$1"; owner="$2"; ttl="$3"
+now=$(date +%s)
+if [ -s "$lease" ]; then
+  read -r holder expires < "$lease" || true
+  if [ "${holder:-}" != "$owner" ] && [ "${expires:-0}" -gt "$now" ]; then
+    echo "${holder:-} ${expires:-0}"
+    exit 75
+  fi
+fi
+printf '%s %s\n' "$owner" "$((now + ttl))" > "$lease.tmp"
+mv -f "$lease.tmp" "$lease"
+"#;
+
+/// Releases the lease if, and only if, `OWNER` holds it.
+pub const LEASE_RELEASE: &str = r#"set -eu
+lease="$1"; owner="$2"
+if [ -s "$lease" ]; then
+  read -r holder expires < "$lease" || true
+  if [ "${holder:-}" = "$owner" ]; then rm -f "$lease"; fi
+fi
+"#;
+
+/// The exit code of [`LEASE_ACQUIRE`] when someone else holds the lease.
+pub const LEASE_HELD: i64 = 75;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_under_root() {
+        let paths = Paths::new(&"v1.32.3".parse().unwrap());
+        assert_eq!(
+            paths.journal(),
+            "/var/lib/capd-inplace/v1.32.3/journal.json"
+        );
+        assert_eq!(
+            paths.staged("kubelet"),
+            "/var/lib/capd-inplace/v1.32.3/bin/kubelet"
+        );
+    }
+
+    #[test]
+    fn journal_round_trips_and_tolerates_older_fields() {
+        let mut journal = Journal::new(&"v1.32.3".parse().unwrap(), Some("default/m1".into()));
+        journal.completed.insert(Step::Preflight);
+        journal.completed.insert(Step::Stage);
+        journal.cordoned_by_us = true;
+        let json = serde_json::to_string(&journal).unwrap();
+        assert_eq!(serde_json::from_str::<Journal>(&json).unwrap(), journal);
+        assert_eq!(journal.current_step(), Some(Step::InstallKubeadm));
+
+        let minimal: Journal = serde_json::from_str(r#"{"target":"v1.32.3","unknown":1}"#).unwrap();
+        assert_eq!(minimal.current_step(), Some(Step::Preflight));
+    }
+
+    #[test]
+    fn lease_scripts_behave() {
+        // The scripts run in the node's sh; run them here with the host's sh to prove the protocol.
+        let dir = tempfile::tempdir().unwrap();
+        let lease = dir.path().join("lease");
+        let lease = lease.to_str().unwrap();
+        let run = |script: &str, args: &[&str]| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg("sh")
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        assert!(run(LEASE_ACQUIRE, &[lease, "a", "60"]).status.success());
+        assert!(
+            run(LEASE_ACQUIRE, &[lease, "a", "60"]).status.success(),
+            "renewal by the holder"
+        );
+        let other = run(LEASE_ACQUIRE, &[lease, "b", "60"]);
+        assert_eq!(other.status.code(), Some(LEASE_HELD as i32));
+        assert!(String::from_utf8_lossy(&other.stdout).starts_with("a "));
+        assert!(run(LEASE_RELEASE, &[lease, "b"]).status.success());
+        assert!(
+            std::path::Path::new(lease).exists(),
+            "only the holder releases"
+        );
+        assert!(run(LEASE_RELEASE, &[lease, "a"]).status.success());
+        assert!(run(LEASE_ACQUIRE, &[lease, "b", "0"]).status.success());
+        assert!(
+            run(LEASE_ACQUIRE, &[lease, "a", "60"]).status.success(),
+            "an expired lease is taken over"
+        );
+    }
+}
