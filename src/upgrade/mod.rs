@@ -2,6 +2,7 @@
 //! [`step`]s, each check → act → verify ([`run`]), recorded in a [`journal`] kept inside the
 //! node. [`jobs`] runs upgrades in the background for the polled UpdateMachine hook.
 
+pub mod cluster;
 pub mod facts;
 pub mod jobs;
 pub mod journal;

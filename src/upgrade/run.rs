@@ -174,6 +174,39 @@ impl Engine {
     }
 }
 
+/// What an upgrade of one node would do, from a read-only preflight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preview {
+    pub role: Role,
+    pub mode: KubeadmMode,
+    pub from: String,
+    pub already_at_target: bool,
+}
+
+impl Engine {
+    /// Runs preflight only: reads the node and its cluster and applies the skew rules, changing
+    /// nothing (no lease, no journal). Used by `upgrade --dry-run`.
+    pub async fn preview(&self, target: &NodeTarget, options: &Options) -> std::result::Result<Preview, StepError> {
+        let step_error = |source: Error| StepError {
+            step: Step::Preflight,
+            container: target.container.clone(),
+            source,
+        };
+        let node = self
+            .docker
+            .locate(&target.cluster, &target.container)
+            .await
+            .map_err(|e| step_error(e.into()))?;
+        let session = Session::open(self, node, target, options).await.map_err(step_error)?;
+        Ok(Preview {
+            role: session.plan.role,
+            mode: session.plan.mode,
+            from: session.journal.from.as_ref().map(|f| f.kubelet.clone()).unwrap_or_default(),
+            already_at_target: session.already_at_target,
+        })
+    }
+}
+
 /// `<hostname>-<pid>-<start nanos>`: unique per process, and only `[A-Za-z0-9.-]` so it is one
 /// word in the lease file.
 fn lease_owner() -> String {
@@ -267,7 +300,7 @@ async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
 }
 
 /// Runs `command` and returns its stdout, or an error naming the command and its exit code.
-async fn exec_ok(node: &DockerNode, command: Command, timeout: Duration) -> Result<String> {
+pub(super) async fn exec_ok(node: &DockerNode, command: Command, timeout: Duration) -> Result<String> {
     let output = node.exec(command.timeout(timeout)).await?;
     if output.exit_code != 0 {
         return Err(output.into_error(node.name()).into());
