@@ -45,6 +45,8 @@ enum Behavior {
     Delay(Duration),
     /// Answers only once `n` requests wait here together: proves requests run in parallel.
     Rendezvous(Arc<tokio::sync::Barrier>),
+    /// Sends the client elsewhere, as dl.k8s.io does to its CDN.
+    Redirect(String),
 }
 
 #[derive(Default)]
@@ -172,6 +174,9 @@ async fn serve(State(state): State<Arc<MirrorState>>, uri: Uri) -> Response {
         Behavior::Rendezvous(barrier) => {
             barrier.wait().await;
             bytes.into_response()
+        }
+        Behavior::Redirect(location) => {
+            (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
         }
     }
 }
@@ -360,6 +365,26 @@ async fn sha256sum_format_is_accepted() {
 }
 
 #[tokio::test]
+async fn redirects_are_followed() {
+    let mirror = Mirror::start().await;
+    let path = release_path(VERSION, Binary::Kubeadm);
+    let cdn_path = format!("/cdn{path}");
+    mirror.put(&cdn_path, artifact_bytes(VERSION, Binary::Kubeadm));
+    mirror.set(&path, Behavior::Redirect(cdn_path.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), mirror.source(), fast_config()).await;
+    let artifact = cache
+        .fetch(VERSION, Arch::Amd64, Binary::Kubeadm)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(artifact.path).unwrap(),
+        artifact_bytes(VERSION, Binary::Kubeadm)
+    );
+    assert_eq!((mirror.hits(&path), mirror.hits(&cdn_path)), (1, 1));
+}
+
+#[tokio::test]
 async fn checksum_mismatch_caches_nothing_and_is_not_retried() {
     let mirror = Mirror::start().await;
     let wrong = hex_sha256(b"something else");
@@ -531,7 +556,12 @@ async fn hanging_server_hits_the_timeout() {
         .fetch(VERSION, Arch::Amd64, Binary::Kubeadm)
         .await
         .unwrap_err();
-    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    // The idle timeout fires, well before the 3 s deadline per attempt.
+    let idle = Duration::from_millis(200);
+    assert!(
+        matches!(error, Error::Timeout { after, .. } if after == idle),
+        "{error:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",

@@ -91,16 +91,9 @@ impl Transport {
     pub(crate) fn new(config: FetchConfig) -> Result<Transport> {
         config.validate()?;
         let redirects = reqwest::redirect::Policy::custom(|attempt| {
-            let downgrade = attempt.url().scheme() != "https"
-                && attempt.previous().iter().any(|u| u.scheme() == "https");
-            if downgrade {
-                // The checksum travels the same way as the binary, so TLS is what vouches for
-                // both; a redirect to plain http would silently drop that.
-                attempt.error("refusing a redirect from https to plain http")
-            } else if attempt.previous().len() > MAX_REDIRECTS {
-                attempt.error("too many redirects")
-            } else {
-                attempt.follow()
+            match redirect_refusal(attempt.previous(), attempt.url()) {
+                Some(reason) => attempt.error(reason),
+                None => attempt.follow(),
             }
         });
         let client = reqwest::Client::builder()
@@ -393,6 +386,20 @@ impl Transport {
     }
 }
 
+/// Why a redirect must not be followed, if it must not. dl.k8s.io itself redirects to a CDN, so
+/// redirects are followed, but never from https down to plain http: the checksum travels the same
+/// way as the binary, so TLS is what vouches for both.
+fn redirect_refusal(previous: &[Url], next: &Url) -> Option<&'static str> {
+    let downgrade = next.scheme() != "https" && previous.iter().any(|url| url.scheme() == "https");
+    if downgrade {
+        Some("refusing a redirect from https to plain http")
+    } else if previous.len() > MAX_REDIRECTS {
+        Some("too many redirects")
+    } else {
+        None
+    }
+}
+
 enum Sink {
     Memory(Vec<u8>),
     File(Box<FileSink>),
@@ -457,6 +464,21 @@ fn file_body(file: tokio::fs::File, path: PathBuf) -> impl Stream<Item = Result<
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirects_never_downgrade_from_https() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let secure = url("https://dl.k8s.io/release/v1.32.0/bin/linux/amd64/kubeadm");
+        let cdn = url("https://cdn.dl.k8s.io/release/v1.32.0/bin/linux/amd64/kubeadm");
+        let plain = url("http://cdn.example/kubeadm");
+        assert_eq!(redirect_refusal(std::slice::from_ref(&secure), &cdn), None);
+        assert!(redirect_refusal(std::slice::from_ref(&secure), &plain).is_some());
+        assert!(redirect_refusal(&[secure.clone(), cdn.clone()], &plain).is_some());
+        // A plain-http mirror may redirect within plain http.
+        assert_eq!(redirect_refusal(std::slice::from_ref(&plain), &plain), None);
+        let loop_of = vec![cdn.clone(); MAX_REDIRECTS + 1];
+        assert!(redirect_refusal(&loop_of, &cdn).is_some());
+    }
 
     #[test]
     fn default_config_is_valid_and_bounded() {
