@@ -107,18 +107,6 @@ pub fn manifest_image_version(yaml: &str) -> Result<Version, ParseError> {
     version_in(WHAT, tag)
 }
 
-/// `uname -m` → the Kubernetes arch name used in release paths.
-pub fn arch(uname_m: &str) -> Result<&'static str, ParseError> {
-    match uname_m.trim() {
-        "x86_64" | "amd64" => Ok("amd64"),
-        "aarch64" | "arm64" => Ok("arm64"),
-        other => Err(parse_error(
-            "uname -m",
-            format!("unsupported machine {:?}", short(other)),
-        )),
-    }
-}
-
 /// What the upgrader needs from a `v1.Node`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStatus {
@@ -258,13 +246,6 @@ mod tests {
         );
         assert!(manifest_image_version("    image: localhost:5000/kube-apiserver\n").is_err());
         assert!(manifest_image_version("kind: Pod\n").is_err());
-    }
-
-    #[test]
-    fn arches() {
-        assert_eq!(arch("x86_64\n").unwrap(), "amd64");
-        assert_eq!(arch("aarch64").unwrap(), "arm64");
-        assert!(arch("riscv64").is_err());
     }
 
     #[test]

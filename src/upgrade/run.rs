@@ -19,7 +19,7 @@ use super::journal::{self, FromVersions, Journal, Paths, RecordedError};
 use super::plan::{self, Facts, KubeadmMode, Plan, Policy};
 use super::step::Step;
 use super::{Error, Result, StepError};
-use crate::artifacts::{ArtifactCache, Binary};
+use crate::artifacts::{ArtifactCache, Arch, Binary};
 use crate::node::{Command, Docker, DockerNode, NodeExec, Role, UploadFile};
 use crate::version::Version;
 
@@ -35,7 +35,6 @@ const KIND_VERSION_FILE: &str = "/kind/version";
 /// configuration and run with swap.
 const IGNORE_PREFLIGHT_ERRORS: &str =
     "SystemVerification,Swap,FileContent--proc-sys-net-bridge-bridge-nf-call-iptables";
-const BINARIES: [Binary; 3] = [Binary::Kubeadm, Binary::Kubelet, Binary::Kubectl];
 
 /// Where the new binaries come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,7 +318,7 @@ struct Session<'a> {
     paths: Paths,
     journal: Journal,
     plan: Plan,
-    arch: &'static str,
+    arch: Arch,
     /// Expected sha256 of each staged binary, once known.
     digests: Vec<(Binary, String)>,
     already_at_target: bool,
@@ -351,7 +350,7 @@ impl<'a> Session<'a> {
                 found: role,
             });
         }
-        let arch = facts::arch(&exec_ok(&node, Command::new(["uname", "-m"]), quick).await?)?;
+        let arch: Arch = exec_ok(&node, Command::new(["uname", "-m"]), quick).await?.trim().parse()?;
         let kubeadm = facts::kubeadm_version(&exec_ok(&node, Command::new(["kubeadm", "version", "-o", "short"]), quick).await?)?;
         let kubelet = facts::kubelet_version(&exec_ok(&node, Command::new(["kubelet", "--version"]), quick).await?)?;
         let kubectl = facts::kubectl_client_version(
@@ -607,9 +606,9 @@ impl<'a> Session<'a> {
         if !self.digests.is_empty() {
             return Ok(());
         }
-        for binary in BINARIES {
+        for binary in Binary::ALL {
             let digest = match &self.options.source {
-                Source::Upload => self.engine.artifacts.fetch(&self.target.version, self.arch, binary).await?.sha256,
+                Source::Upload => self.engine.artifacts.fetch(&self.target.version.to_string(), self.arch, binary).await?.sha256,
                 Source::FetchInNode { base_url } => {
                     let url = format!("{}.sha256", release_url(base_url, &self.target.version, self.arch, binary));
                     let published = exec_ok(&self.node, curl(&url, None), self.engine.timeouts.command).await?;
@@ -641,9 +640,9 @@ impl<'a> Session<'a> {
         exec_ok(&self.node, Command::new(["mkdir", "-p", bin_dir.as_str()]), quick).await?;
         match self.options.source.clone() {
             Source::Upload => {
-                let mut files = Vec::with_capacity(BINARIES.len());
-                for binary in BINARIES {
-                    let artifact = self.engine.artifacts.fetch(&self.target.version, self.arch, binary).await?;
+                let mut files = Vec::with_capacity(Binary::ALL.len());
+                for binary in Binary::ALL {
+                    let artifact = self.engine.artifacts.fetch(&self.target.version.to_string(), self.arch, binary).await?;
                     files.push(UploadFile::from_path(binary.name(), artifact.path, 0o755));
                 }
                 self.node.upload(&bin_dir, files).await?;
@@ -884,8 +883,8 @@ fn curl(url: &str, output: Option<&str>) -> Command {
     }
 }
 
-fn release_url(base: &str, version: &Version, arch: &str, binary: Binary) -> String {
-    format!("{}/{version}/bin/linux/{arch}/{}", base.trim_end_matches('/'), binary.name())
+fn release_url(base: &str, version: &Version, arch: Arch, binary: Binary) -> String {
+    format!("{}/{version}/bin/linux/{}/{}", base.trim_end_matches('/'), arch.name(), binary.name())
 }
 
 /// dl.k8s.io publishes the bare hex digest; `sha256sum` output (`<hex>  <name>`) is accepted too.
@@ -923,7 +922,7 @@ mod tests {
     fn release_urls_follow_dl_k8s_io() {
         let v: Version = "v1.32.3".parse().unwrap();
         assert_eq!(
-            release_url("http://127.0.0.1:8080/release/", &v, "amd64", Binary::Kubelet),
+            release_url("http://127.0.0.1:8080/release/", &v, Arch::Amd64, Binary::Kubelet),
             "http://127.0.0.1:8080/release/v1.32.3/bin/linux/amd64/kubelet"
         );
     }
