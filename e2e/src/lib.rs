@@ -1,1 +1,4 @@
 //! End-to-end suite for capd-inplace: the simulated kind node and the CAPI-faithful driver.
+
+pub mod sim;
+pub mod sim_artifacts;
