@@ -377,6 +377,7 @@ pub(super) fn early_verdict(first_block: &[u8], limit: u64) -> Option<SingleFile
 pub(super) const ARCHIVE_OVERHEAD: u64 = 64 * 1024;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -258,6 +258,7 @@ pub(super) fn parse_marked_pids(output: &str) -> Vec<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

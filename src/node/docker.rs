@@ -653,6 +653,7 @@ fn unique_token() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
     use bollard::models::ContainerState;

@@ -262,6 +262,7 @@ pub trait NodeExec: Send + Sync {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
