@@ -161,7 +161,8 @@ fn quote(argv: &[String]) -> String {
 }
 
 /// A node's role, from the [`ROLE_LABEL`] label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Role {
     ControlPlane,
     Worker,
