@@ -264,6 +264,12 @@ kind load docker-image "$IMAGE" --name "$MANAGEMENT_CLUSTER_NAME"
 # config/default names capd-inplace:dev; render it and point the Deployment at IMAGE.
 kubectl kustomize config/default | sed "s|image: capd-inplace:dev|image: ${IMAGE}|" >"$workdir/capd-inplace.yaml"
 kubectl apply -f "$workdir/capd-inplace.yaml"
+if [ "$WORKLOAD_NAMESPACE" != default ]; then
+  # The shipped namespaceSelector admits only `default`; admit the workload's namespace too.
+  kubectl create namespace "$WORKLOAD_NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
+  kubectl patch extensionconfig "$EXTENSION_CONFIG" --type json -p \
+    "[{\"op\":\"add\",\"path\":\"/spec/namespaceSelector/matchExpressions/0/values/-\",\"value\":\"${WORKLOAD_NAMESPACE}\"}]"
+fi
 kubectl -n "$EXTENSION_NAMESPACE" rollout status "deployment/${EXTENSION_DEPLOYMENT}" --timeout="${TIMEOUT_PROVIDERS}s"
 
 log "4/7 waiting for CAPI to discover the extension"
