@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test lint build fmt
+.PHONY: run test lint build fmt image image-local e2e-kind
+
+IMAGE ?= capd-inplace:dev
 
 ## run: serve the Runtime Extension over HTTPS with a self-signed dev certificate on :9443
 run:
@@ -20,3 +22,15 @@ lint:
 ## test: unit, integration and end-to-end tests (needs a Docker Engine: scripts/ensure-docker.sh)
 test:
 	$(CARGO) test --workspace
+
+## image: build the container image from the Dockerfile (pulls the rust and distroless base images)
+image:
+	docker build -t $(IMAGE) .
+
+## image-local: build the same runtime image without a registry (host cargo build + docker import)
+image-local:
+	bash scripts/build-image-local.sh $(IMAGE)
+
+## e2e-kind: the in-place upgrade on kind + Cluster API + CAPD (needs image pulls; see the script)
+e2e-kind:
+	bash scripts/e2e-kind.sh
