@@ -75,10 +75,6 @@ impl Command {
         &self.argv
     }
 
-    pub fn get_timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// Refuses what Docker or the node would mangle or misread.
     pub(super) fn validate(&self) -> Result<()> {
         let invalid = |reason| {

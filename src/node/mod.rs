@@ -160,8 +160,10 @@ fn quote(argv: &[String]) -> String {
         .join(" ")
 }
 
-/// A node's role, from the [`ROLE_LABEL`] label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+/// A node's role, from the [`ROLE_LABEL`] label. Serialized as the label value.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     ControlPlane,
@@ -281,6 +283,9 @@ mod tests {
         }
         for role in [Role::ControlPlane, Role::Worker] {
             assert_eq!(Role::from_label(role.as_label()), Some(role));
+            let json = serde_json::to_string(&role).unwrap();
+            assert_eq!(json, format!("\"{}\"", role.as_label()));
+            assert_eq!(serde_json::from_str::<Role>(&json).unwrap(), role);
         }
     }
 

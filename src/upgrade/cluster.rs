@@ -37,11 +37,16 @@ pub struct NodeResult {
 pub enum NodeOutcome {
     AlreadyAtTarget,
     Upgraded,
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
     /// Not attempted because an earlier control-plane node failed.
     Skipped,
     /// `--dry-run`: what would happen.
-    WouldUpgrade { mode: String, from: String },
+    WouldUpgrade {
+        mode: String,
+        from: String,
+    },
 }
 
 impl NodeOutcome {
@@ -72,8 +77,9 @@ pub async fn upgrade(
     on_progress: ProgressFn,
 ) -> Result<Vec<NodeResult>, Error> {
     let all = nodes(engine.docker(), cluster).await?;
-    let (control_planes, workers): (Vec<_>, Vec<_>) =
-        all.into_iter().partition(|n| n.role() == Role::ControlPlane);
+    let (control_planes, workers): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|n| n.role() == Role::ControlPlane);
     let target_of = |node: &DockerNode| NodeTarget {
         cluster: cluster.to_string(),
         container: node.name().to_string(),
@@ -203,7 +209,15 @@ pub async fn status(docker: &Docker, cluster: &str) -> Result<Vec<NodeReport>, E
     let quick = Duration::from_secs(30);
     let mut node_objects = Vec::new();
     for cp in nodes.iter().filter(|n| n.role() == Role::ControlPlane) {
-        let get = Command::new(["kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "get", "nodes", "-o", "json"]);
+        let get = Command::new([
+            "kubectl",
+            "--kubeconfig",
+            "/etc/kubernetes/admin.conf",
+            "get",
+            "nodes",
+            "-o",
+            "json",
+        ]);
         if let Ok(json) = exec_ok(cp, get, quick).await {
             if let Ok(list) = facts::nodes(&json) {
                 node_objects = list;
@@ -214,11 +228,15 @@ pub async fn status(docker: &Docker, cluster: &str) -> Result<Vec<NodeReport>, E
     let mut reports = Vec::with_capacity(nodes.len());
     for node in &nodes {
         let object = node_objects.iter().find(|n| n.name == node.name());
-        let kubeadm = exec_ok(node, Command::new(["kubeadm", "version", "-o", "short"]), quick)
-            .await
-            .ok()
-            .and_then(|out| facts::kubeadm_version(&out).ok())
-            .map(|v| v.to_string());
+        let kubeadm = exec_ok(
+            node,
+            Command::new(["kubeadm", "version", "-o", "short"]),
+            quick,
+        )
+        .await
+        .ok()
+        .and_then(|out| facts::kubeadm_version(&out).ok())
+        .map(|v| v.to_string());
         reports.push(NodeReport {
             node: node.name().to_string(),
             role: node.role(),
@@ -226,22 +244,31 @@ pub async fn status(docker: &Docker, cluster: &str) -> Result<Vec<NodeReport>, E
             kubeadm_version: kubeadm,
             ready: object.map(|n| n.ready),
             cordoned: object.map(|n| n.unschedulable),
-            upgrade: newest_journal(node, quick).await.map(|journal| UpgradeReport {
-                step: journal
-                    .current_step()
-                    .map_or_else(|| "done".to_string(), |s: Step| s.to_string()),
-                last_error: journal.last_error.map(|e| e.message),
-                target: journal.target,
-            }),
+            upgrade: newest_journal(node, quick)
+                .await
+                .map(|journal| UpgradeReport {
+                    step: journal
+                        .current_step()
+                        .map_or_else(|| "done".to_string(), |s: Step| s.to_string()),
+                    last_error: journal.last_error.map(|e| e.message),
+                    target: journal.target,
+                }),
         });
     }
     Ok(reports)
 }
 
 async fn newest_journal(node: &DockerNode, timeout: Duration) -> Option<Journal> {
-    let listing = exec_ok(node, Command::new(["ls", "-1", journal::ROOT]), timeout).await.ok()?;
-    let newest: Version = listing.lines().filter_map(|l| l.trim().parse().ok()).max()?;
+    let listing = exec_ok(node, Command::new(["ls", "-1", journal::ROOT]), timeout)
+        .await
+        .ok()?;
+    let newest: Version = listing
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()?;
     let path = journal::Paths::new(&newest).journal();
-    let json = exec_ok(node, Command::new(["cat", path.as_str()]), timeout).await.ok()?;
+    let json = exec_ok(node, Command::new(["cat", path.as_str()]), timeout)
+        .await
+        .ok()?;
     serde_json::from_str(&json).ok()
 }

@@ -34,7 +34,11 @@ pub enum Error {
     #[error("the node lease was lost to another upgrader; it will be retried")]
     LeaseLost,
     #[error("container {container} is labelled {label:?} but its files say {found:?}")]
-    RoleMismatch { container: String, label: Role, found: Role },
+    RoleMismatch {
+        container: String,
+        label: Role,
+        found: Role,
+    },
     #[error("no running control-plane node of the cluster has /etc/kubernetes/admin.conf")]
     NoControlPlane,
     #[error("the journal {path} is unreadable; inspect it, or remove it to start the upgrade over")]

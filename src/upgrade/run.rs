@@ -19,7 +19,7 @@ use super::journal::{self, FromVersions, Journal, Paths, RecordedError};
 use super::plan::{self, Facts, KubeadmMode, Plan, Policy};
 use super::step::Step;
 use super::{Error, Result, StepError};
-use crate::artifacts::{ArtifactCache, Arch, Binary};
+use crate::artifacts::{Arch, ArtifactCache, Binary};
 use crate::node::{Command, Docker, DockerNode, NodeExec, Role, UploadFile};
 use crate::version::Version;
 
@@ -185,7 +185,11 @@ pub struct Preview {
 impl Engine {
     /// Runs preflight only: reads the node and its cluster and applies the skew rules, changing
     /// nothing (no lease, no journal). Used by `upgrade --dry-run`.
-    pub async fn preview(&self, target: &NodeTarget, options: &Options) -> std::result::Result<Preview, StepError> {
+    pub async fn preview(
+        &self,
+        target: &NodeTarget,
+        options: &Options,
+    ) -> std::result::Result<Preview, StepError> {
         let step_error = |source: Error| StepError {
             step: Step::Preflight,
             container: target.container.clone(),
@@ -196,11 +200,18 @@ impl Engine {
             .locate(&target.cluster, &target.container)
             .await
             .map_err(|e| step_error(e.into()))?;
-        let session = Session::open(self, node, target, options).await.map_err(step_error)?;
+        let session = Session::open(self, node, target, options)
+            .await
+            .map_err(step_error)?;
         Ok(Preview {
             role: session.plan.role,
             mode: session.plan.mode,
-            from: session.journal.from.as_ref().map(|f| f.kubelet.clone()).unwrap_or_default(),
+            from: session
+                .journal
+                .from
+                .as_ref()
+                .map(|f| f.kubelet.clone())
+                .unwrap_or_default(),
             already_at_target: session.already_at_target,
         })
     }
@@ -219,7 +230,15 @@ fn lease_owner() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    format!("{}-{}-{nanos}", if host.is_empty() { "capd-inplace" } else { &host }, std::process::id())
+    format!(
+        "{}-{}-{nanos}",
+        if host.is_empty() {
+            "capd-inplace"
+        } else {
+            &host
+        },
+        std::process::id()
+    )
 }
 
 /// The node's upgrade lease, renewed in the background while held.
@@ -232,7 +251,12 @@ struct Lease {
 
 impl Lease {
     async fn acquire(node: &DockerNode, owner: &Arc<str>, ttl: Duration) -> Result<Lease> {
-        exec_ok(node, Command::new(["mkdir", "-p", journal::ROOT]), Duration::from_secs(30)).await?;
+        exec_ok(
+            node,
+            Command::new(["mkdir", "-p", journal::ROOT]),
+            Duration::from_secs(30),
+        )
+        .await?;
         try_take(node, owner, ttl).await?;
         let lost = Arc::new(AtomicBool::new(false));
         let renewer = {
@@ -270,8 +294,18 @@ impl Lease {
 
     async fn release(self) {
         self.renewer.abort();
-        let release = Command::new(["flock", "-w", "10", journal::LOCK_FILE, "sh", "-c", journal::LEASE_RELEASE, "sh", journal::LEASE_FILE])
-            .arg(self.owner.as_ref());
+        let release = Command::new([
+            "flock",
+            "-w",
+            "10",
+            journal::LOCK_FILE,
+            "sh",
+            "-c",
+            journal::LEASE_RELEASE,
+            "sh",
+            journal::LEASE_FILE,
+        ])
+        .arg(self.owner.as_ref());
         if let Err(e) = exec_ok(&self.node, release, Duration::from_secs(30)).await {
             warn!(error = %e, "could not release the node lease; it expires by itself");
         }
@@ -279,12 +313,20 @@ impl Lease {
 }
 
 async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
-    let acquire = Command::new(["flock", "-w", "10", journal::LOCK_FILE, "sh", "-c", journal::LEASE_ACQUIRE, "sh", journal::LEASE_FILE])
-        .arg(owner)
-        .arg(ttl.as_secs().to_string());
-    let output = node
-        .exec(acquire.timeout(Duration::from_secs(30)))
-        .await?;
+    let acquire = Command::new([
+        "flock",
+        "-w",
+        "10",
+        journal::LOCK_FILE,
+        "sh",
+        "-c",
+        journal::LEASE_ACQUIRE,
+        "sh",
+        journal::LEASE_FILE,
+    ])
+    .arg(owner)
+    .arg(ttl.as_secs().to_string());
+    let output = node.exec(acquire.timeout(Duration::from_secs(30))).await?;
     match output.exit_code {
         0 => Ok(()),
         journal::LEASE_HELD => Err(Error::Busy {
@@ -299,7 +341,11 @@ async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
 }
 
 /// Runs `command` and returns its stdout, or an error naming the command and its exit code.
-pub(super) async fn exec_ok(node: &DockerNode, command: Command, timeout: Duration) -> Result<String> {
+pub(super) async fn exec_ok(
+    node: &DockerNode,
+    command: Command,
+    timeout: Duration,
+) -> Result<String> {
     let output = node.exec(command.timeout(timeout)).await?;
     if output.exit_code != 0 {
         return Err(output.into_error(node.name()).into());
@@ -342,7 +388,11 @@ impl<'a> Session<'a> {
             .await?
             .exit_code
             == 0;
-        let role = if manifest_present { Role::ControlPlane } else { Role::Worker };
+        let role = if manifest_present {
+            Role::ControlPlane
+        } else {
+            Role::Worker
+        };
         if role != node.role() {
             return Err(Error::RoleMismatch {
                 container: node.name().to_string(),
@@ -350,11 +400,28 @@ impl<'a> Session<'a> {
                 found: role,
             });
         }
-        let arch: Arch = exec_ok(&node, Command::new(["uname", "-m"]), quick).await?.trim().parse()?;
-        let kubeadm = facts::kubeadm_version(&exec_ok(&node, Command::new(["kubeadm", "version", "-o", "short"]), quick).await?)?;
-        let kubelet = facts::kubelet_version(&exec_ok(&node, Command::new(["kubelet", "--version"]), quick).await?)?;
+        let arch: Arch = exec_ok(&node, Command::new(["uname", "-m"]), quick)
+            .await?
+            .trim()
+            .parse()?;
+        let kubeadm = facts::kubeadm_version(
+            &exec_ok(
+                &node,
+                Command::new(["kubeadm", "version", "-o", "short"]),
+                quick,
+            )
+            .await?,
+        )?;
+        let kubelet = facts::kubelet_version(
+            &exec_ok(&node, Command::new(["kubelet", "--version"]), quick).await?,
+        )?;
         let kubectl = facts::kubectl_client_version(
-            &exec_ok(&node, Command::new(["kubectl", "version", "--client", "-o", "json"]), quick).await?,
+            &exec_ok(
+                &node,
+                Command::new(["kubectl", "version", "--client", "-o", "json"]),
+                quick,
+            )
+            .await?,
         )?;
 
         let control_planes: Vec<DockerNode> = engine
@@ -372,7 +439,15 @@ impl<'a> Session<'a> {
         let cluster = facts::cluster_configuration_version(
             &exec_ok(
                 &control_plane,
-                kubectl_command(["-n", "kube-system", "get", "configmap", "kubeadm-config", "-o", "jsonpath={.data.ClusterConfiguration}"]),
+                kubectl_command([
+                    "-n",
+                    "kube-system",
+                    "get",
+                    "configmap",
+                    "kubeadm-config",
+                    "-o",
+                    "jsonpath={.data.ClusterConfiguration}",
+                ]),
                 quick,
             )
             .await?,
@@ -383,7 +458,9 @@ impl<'a> Session<'a> {
             apiservers.push(facts::manifest_image_version(&manifest)?);
         }
 
-        let mut journal = read_journal(&node, &paths, quick).await?.unwrap_or_else(|| Journal::new(&version, target.machine.clone()));
+        let mut journal = read_journal(&node, &paths, quick)
+            .await?
+            .unwrap_or_else(|| Journal::new(&version, target.machine.clone()));
         let from = journal.from.clone().unwrap_or(FromVersions {
             kubeadm: kubeadm.to_string(),
             kubelet: kubelet.to_string(),
@@ -424,20 +501,35 @@ impl<'a> Session<'a> {
         let binaries_at_target = kubeadm == version && kubelet == version && kubectl == version;
         if binaries_at_target && !session.journal.cordoned_by_us {
             let status = session.node_status().await?;
-            let kind_version = exec_ok(&session.node, Command::new(["cat", KIND_VERSION_FILE]), quick).await.unwrap_or_default();
-            if status.ready && status.kubelet_version == version.to_string() && kind_version.trim() == version.to_string() {
+            let kind_version = exec_ok(
+                &session.node,
+                Command::new(["cat", KIND_VERSION_FILE]),
+                quick,
+            )
+            .await
+            .unwrap_or_default();
+            if status.ready
+                && status.kubelet_version == version.to_string()
+                && kind_version.trim() == version.to_string()
+            {
                 session.already_at_target = true;
             }
         }
         Ok(session)
     }
 
-    async fn run(&mut self, progress: &watch::Sender<Progress>, lease: &Lease) -> std::result::Result<Outcome, StepError> {
+    async fn run(
+        &mut self,
+        progress: &watch::Sender<Progress>,
+        lease: &Lease,
+    ) -> std::result::Result<Outcome, StepError> {
         if self.already_at_target {
             info!("already at the target version");
             return Ok(Outcome::AlreadyAtTarget);
         }
-        self.save_journal().await.map_err(|e| self.step_error(Step::Preflight, e))?;
+        self.save_journal()
+            .await
+            .map_err(|e| self.step_error(Step::Preflight, e))?;
         for step in Step::ALL.into_iter().skip(1) {
             progress.send_replace(Progress::Running(step));
             let span = info_span!("step", step = step.id());
@@ -459,7 +551,12 @@ impl<'a> Session<'a> {
             }
             .instrument(span)
             .await;
-            info!(step = step.id(), elapsed_ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "step finished");
+            info!(
+                step = step.id(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                ok = result.is_ok(),
+                "step finished"
+            );
             result.map_err(|e| self.step_error(step, e))?;
         }
         Ok(Outcome::Upgraded)
@@ -496,12 +593,14 @@ impl<'a> Session<'a> {
                     && self.installed_version(Binary::Kubectl).await? == Some(v)
             }
             Step::RestartKubelet => {
-                self.node_status().await?.kubelet_version == v.to_string() && self.kubelet_active().await?
+                self.node_status().await?.kubelet_version == v.to_string()
+                    && self.kubelet_active().await?
             }
             Step::VerifyNode => false,
             Step::Uncordon => !self.journal.cordoned_by_us,
             Step::RecordVersion => {
-                self.read_trimmed(KIND_VERSION_FILE).await?.as_deref() == Some(v.to_string().as_str())
+                self.read_trimmed(KIND_VERSION_FILE).await?.as_deref()
+                    == Some(v.to_string().as_str())
             }
         })
     }
@@ -518,20 +617,42 @@ impl<'a> Session<'a> {
             Step::InstallKubelet => self.install(&[Binary::Kubelet, Binary::Kubectl]).await,
             Step::RestartKubelet => {
                 let quick = self.engine.timeouts.command;
-                exec_ok(&self.node, Command::new(["systemctl", "daemon-reload"]), quick).await?;
-                exec_ok(&self.node, Command::new(["systemctl", "restart", "kubelet"]), quick).await?;
+                exec_ok(
+                    &self.node,
+                    Command::new(["systemctl", "daemon-reload"]),
+                    quick,
+                )
+                .await?;
+                exec_ok(
+                    &self.node,
+                    Command::new(["systemctl", "restart", "kubelet"]),
+                    quick,
+                )
+                .await?;
                 Ok(())
             }
             Step::VerifyNode => Ok(()),
             Step::Uncordon => {
                 let name = self.node.name().to_string();
-                exec_ok(&self.control_plane, kubectl_command(["uncordon", name.as_str()]), self.engine.timeouts.command).await?;
+                exec_ok(
+                    &self.control_plane,
+                    kubectl_command(["uncordon", name.as_str()]),
+                    self.engine.timeouts.command,
+                )
+                .await?;
                 self.journal.cordoned_by_us = false;
                 Ok(())
             }
             Step::RecordVersion => {
                 let contents = format!("{}\n", self.target.version);
-                write_file_atomically(&self.node, KIND_VERSION_FILE, contents.into_bytes(), 0o644, self.engine.timeouts.command).await
+                write_file_atomically(
+                    &self.node,
+                    KIND_VERSION_FILE,
+                    contents.into_bytes(),
+                    0o644,
+                    self.engine.timeouts.command,
+                )
+                .await
             }
         }
     }
@@ -544,17 +665,25 @@ impl<'a> Session<'a> {
                 match step {
                     Step::Drain => {
                         if !self.node_status().await?.unschedulable {
-                            return Err(Error::Verify(format!("Node {} is still schedulable after drain", self.node.name())));
+                            return Err(Error::Verify(format!(
+                                "Node {} is still schedulable after drain",
+                                self.node.name()
+                            )));
                         }
                     }
                     Step::Uncordon => {
                         if self.node_status().await?.unschedulable {
-                            return Err(Error::Verify(format!("Node {} is still cordoned after uncordon", self.node.name())));
+                            return Err(Error::Verify(format!(
+                                "Node {} is still cordoned after uncordon",
+                                self.node.name()
+                            )));
                         }
                     }
                     Step::RecordVersion => {
                         if !self.is_done(Step::RecordVersion).await? {
-                            return Err(Error::Verify(format!("{KIND_VERSION_FILE} does not read {v}")));
+                            return Err(Error::Verify(format!(
+                                "{KIND_VERSION_FILE} does not read {v}"
+                            )));
                         }
                     }
                     _ => {}
@@ -563,24 +692,45 @@ impl<'a> Session<'a> {
             }
             Step::Stage => {
                 if !self.staged_digests_match().await? {
-                    return Err(Error::Verify("a staged binary does not match its published sha256".into()));
+                    return Err(Error::Verify(
+                        "a staged binary does not match its published sha256".into(),
+                    ));
                 }
                 // The right bytes must also be the right program: ask each staged binary its version.
                 let quick = self.engine.timeouts.command;
                 let kubeadm = facts::kubeadm_version(
-                    &exec_ok(&self.node, Command::new([self.paths.staged("kubeadm").as_str(), "version", "-o", "short"]), quick).await?,
+                    &exec_ok(
+                        &self.node,
+                        Command::new([
+                            self.paths.staged("kubeadm").as_str(),
+                            "version",
+                            "-o",
+                            "short",
+                        ]),
+                        quick,
+                    )
+                    .await?,
                 )?;
                 let kubelet = facts::kubelet_version(
-                    &exec_ok(&self.node, Command::new([self.paths.staged("kubelet").as_str(), "--version"]), quick).await?,
+                    &exec_ok(
+                        &self.node,
+                        Command::new([self.paths.staged("kubelet").as_str(), "--version"]),
+                        quick,
+                    )
+                    .await?,
                 )?;
                 if kubeadm != v || kubelet != v {
-                    return Err(Error::Verify(format!("the staged binaries report {kubeadm} and {kubelet}, not {v}")));
+                    return Err(Error::Verify(format!(
+                        "the staged binaries report {kubeadm} and {kubelet}, not {v}"
+                    )));
                 }
                 Ok(())
             }
             Step::InstallKubeadm | Step::InstallKubelet => {
                 if !self.is_done(step).await? {
-                    return Err(Error::Verify(format!("the installed binaries do not report {v}")));
+                    return Err(Error::Verify(format!(
+                        "the installed binaries do not report {v}"
+                    )));
                 }
                 Ok(())
             }
@@ -608,11 +758,23 @@ impl<'a> Session<'a> {
         }
         for binary in Binary::ALL {
             let digest = match &self.options.source {
-                Source::Upload => self.engine.artifacts.fetch(&self.target.version.to_string(), self.arch, binary).await?.sha256,
+                Source::Upload => {
+                    self.engine
+                        .artifacts
+                        .fetch(&self.target.version.to_string(), self.arch, binary)
+                        .await?
+                        .sha256
+                }
                 Source::FetchInNode { base_url } => {
-                    let url = format!("{}.sha256", release_url(base_url, &self.target.version, self.arch, binary));
-                    let published = exec_ok(&self.node, curl(&url, None), self.engine.timeouts.command).await?;
-                    parse_published_digest(&published).ok_or_else(|| Error::Verify(format!("{url} does not hold a sha256 digest")))?
+                    let url = format!(
+                        "{}.sha256",
+                        release_url(base_url, &self.target.version, self.arch, binary)
+                    );
+                    let published =
+                        exec_ok(&self.node, curl(&url, None), self.engine.timeouts.command).await?;
+                    parse_published_digest(&published).ok_or_else(|| {
+                        Error::Verify(format!("{url} does not hold a sha256 digest"))
+                    })?
                 }
             };
             self.digests.push((binary, digest));
@@ -625,24 +787,38 @@ impl<'a> Session<'a> {
         for (binary, _) in &self.digests {
             command = command.arg(self.paths.staged(binary.name()));
         }
-        let output = self.node.exec(command.timeout(self.engine.timeouts.command)).await?;
+        let output = self
+            .node
+            .exec(command.timeout(self.engine.timeouts.command))
+            .await?;
         // sha256sum exits 1 when a file is missing; the lines it did print still count.
         let stdout = String::from_utf8_lossy(&output.stdout);
         Ok(self.digests.iter().all(|(binary, digest)| {
             let path = self.paths.staged(binary.name());
-            stdout.lines().any(|line| line.split_once("  ") == Some((digest.as_str(), path.as_str())))
+            stdout
+                .lines()
+                .any(|line| line.split_once("  ") == Some((digest.as_str(), path.as_str())))
         }))
     }
 
     async fn stage(&mut self) -> Result<()> {
         let quick = self.engine.timeouts.command;
         let bin_dir = self.paths.bin_dir();
-        exec_ok(&self.node, Command::new(["mkdir", "-p", bin_dir.as_str()]), quick).await?;
+        exec_ok(
+            &self.node,
+            Command::new(["mkdir", "-p", bin_dir.as_str()]),
+            quick,
+        )
+        .await?;
         match self.options.source.clone() {
             Source::Upload => {
                 let mut files = Vec::with_capacity(Binary::ALL.len());
                 for binary in Binary::ALL {
-                    let artifact = self.engine.artifacts.fetch(&self.target.version.to_string(), self.arch, binary).await?;
+                    let artifact = self
+                        .engine
+                        .artifacts
+                        .fetch(&self.target.version.to_string(), self.arch, binary)
+                        .await?;
                     files.push(UploadFile::from_path(binary.name(), artifact.path, 0o755));
                 }
                 self.node.upload(&bin_dir, files).await?;
@@ -652,14 +828,40 @@ impl<'a> Session<'a> {
                     let url = release_url(&base_url, &self.target.version, self.arch, binary);
                     let staged = self.paths.staged(binary.name());
                     let partial = format!("{staged}.part");
-                    exec_ok(&self.node, curl(&url, Some(&partial)), self.engine.timeouts.kubeadm).await?;
-                    let sum = exec_ok(&self.node, Command::new(["sha256sum", "--", partial.as_str()]), quick).await?;
+                    exec_ok(
+                        &self.node,
+                        curl(&url, Some(&partial)),
+                        self.engine.timeouts.kubeadm,
+                    )
+                    .await?;
+                    let sum = exec_ok(
+                        &self.node,
+                        Command::new(["sha256sum", "--", partial.as_str()]),
+                        quick,
+                    )
+                    .await?;
                     if sum.split_whitespace().next() != Some(digest.as_str()) {
-                        let _ = self.node.exec(Command::new(["rm", "-f", partial.as_str()]).timeout(quick)).await;
-                        return Err(Error::ChecksumMismatch { url, expected: digest });
+                        let _ = self
+                            .node
+                            .exec(Command::new(["rm", "-f", partial.as_str()]).timeout(quick))
+                            .await;
+                        return Err(Error::ChecksumMismatch {
+                            url,
+                            expected: digest,
+                        });
                     }
-                    exec_ok(&self.node, Command::new(["chmod", "0755", partial.as_str()]), quick).await?;
-                    exec_ok(&self.node, Command::new(["mv", "-f", partial.as_str(), staged.as_str()]), quick).await?;
+                    exec_ok(
+                        &self.node,
+                        Command::new(["chmod", "0755", partial.as_str()]),
+                        quick,
+                    )
+                    .await?;
+                    exec_ok(
+                        &self.node,
+                        Command::new(["mv", "-f", partial.as_str(), staged.as_str()]),
+                        quick,
+                    )
+                    .await?;
                 }
             }
         }
@@ -673,18 +875,52 @@ impl<'a> Session<'a> {
         let quick = self.engine.timeouts.command;
         self.expected_digests().await?;
         if !self.staged_digests_match().await? {
-            return Err(Error::Verify("a staged binary no longer matches its published sha256; it will be staged again".into()));
+            return Err(Error::Verify(
+                "a staged binary no longer matches its published sha256; it will be staged again"
+                    .into(),
+            ));
         }
         let prev = self.paths.prev_dir();
-        exec_ok(&self.node, Command::new(["mkdir", "-p", prev.as_str()]), quick).await?;
+        exec_ok(
+            &self.node,
+            Command::new(["mkdir", "-p", prev.as_str()]),
+            quick,
+        )
+        .await?;
         for binary in binaries {
             let name = binary.name();
             let installed = format!("/usr/bin/{name}");
             let incoming = format!("/usr/bin/.{name}.capd-inplace");
             // `cp -n` keeps the original from the first attempt if this one is a retry.
-            exec_ok(&self.node, Command::new(["cp", "-an", installed.as_str(), format!("{prev}/{name}").as_str()]), quick).await?;
-            exec_ok(&self.node, Command::new(["install", "-m", "0755", self.paths.staged(name).as_str(), incoming.as_str()]), quick).await?;
-            exec_ok(&self.node, Command::new(["mv", "-f", incoming.as_str(), installed.as_str()]), quick).await?;
+            exec_ok(
+                &self.node,
+                Command::new([
+                    "cp",
+                    "-an",
+                    installed.as_str(),
+                    format!("{prev}/{name}").as_str(),
+                ]),
+                quick,
+            )
+            .await?;
+            exec_ok(
+                &self.node,
+                Command::new([
+                    "install",
+                    "-m",
+                    "0755",
+                    self.paths.staged(name).as_str(),
+                    incoming.as_str(),
+                ]),
+                quick,
+            )
+            .await?;
+            exec_ok(
+                &self.node,
+                Command::new(["mv", "-f", incoming.as_str(), installed.as_str()]),
+                quick,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -695,7 +931,10 @@ impl<'a> Session<'a> {
             Binary::Kubelet => &["kubelet", "--version"],
             Binary::Kubectl => &["kubectl", "version", "--client", "-o", "json"],
         };
-        let output = self.node.exec(Command::new(argv.iter().copied()).timeout(self.engine.timeouts.command)).await?;
+        let output = self
+            .node
+            .exec(Command::new(argv.iter().copied()).timeout(self.engine.timeouts.command))
+            .await?;
         if output.exit_code != 0 {
             return Ok(None);
         }
@@ -716,7 +955,15 @@ impl<'a> Session<'a> {
         let cluster = facts::cluster_configuration_version(
             &exec_ok(
                 &self.control_plane,
-                kubectl_command(["-n", "kube-system", "get", "configmap", "kubeadm-config", "-o", "jsonpath={.data.ClusterConfiguration}"]),
+                kubectl_command([
+                    "-n",
+                    "kube-system",
+                    "get",
+                    "configmap",
+                    "kubeadm-config",
+                    "-o",
+                    "jsonpath={.data.ClusterConfiguration}",
+                ]),
                 quick,
             )
             .await?,
@@ -739,17 +986,43 @@ impl<'a> Session<'a> {
         // work (v1.30 refuses --config for upgrades).
         let command = if v.minor >= 31 {
             let config = upgrade_configuration(&v);
-            write_file_atomically(&self.node, &self.paths.upgrade_config(), config.into_bytes(), 0o600, self.engine.timeouts.command).await?;
+            write_file_atomically(
+                &self.node,
+                &self.paths.upgrade_config(),
+                config.into_bytes(),
+                0o600,
+                self.engine.timeouts.command,
+            )
+            .await?;
             let config_path = self.paths.upgrade_config();
             match self.plan.mode {
-                KubeadmMode::Apply => Command::new(["kubeadm", "upgrade", "apply", "--config", config_path.as_str()]),
-                KubeadmMode::Node => Command::new(["kubeadm", "upgrade", "node", "--config", config_path.as_str()]),
+                KubeadmMode::Apply => Command::new([
+                    "kubeadm",
+                    "upgrade",
+                    "apply",
+                    "--config",
+                    config_path.as_str(),
+                ]),
+                KubeadmMode::Node => Command::new([
+                    "kubeadm",
+                    "upgrade",
+                    "node",
+                    "--config",
+                    config_path.as_str(),
+                ]),
             }
         } else {
             let ignore = format!("--ignore-preflight-errors={IGNORE_PREFLIGHT_ERRORS}");
             let version = v.to_string();
             match self.plan.mode {
-                KubeadmMode::Apply => Command::new(["kubeadm", "upgrade", "apply", version.as_str(), "--yes", ignore.as_str()]),
+                KubeadmMode::Apply => Command::new([
+                    "kubeadm",
+                    "upgrade",
+                    "apply",
+                    version.as_str(),
+                    "--yes",
+                    ignore.as_str(),
+                ]),
                 KubeadmMode::Node => Command::new(["kubeadm", "upgrade", "node", ignore.as_str()]),
             }
         };
@@ -761,7 +1034,12 @@ impl<'a> Session<'a> {
 
     async fn node_status(&self) -> Result<NodeStatus> {
         let name = self.node.name().to_string();
-        let json = exec_ok(&self.control_plane, kubectl_command(["get", "node", name.as_str(), "-o", "json"]), self.engine.timeouts.command).await?;
+        let json = exec_ok(
+            &self.control_plane,
+            kubectl_command(["get", "node", name.as_str(), "-o", "json"]),
+            self.engine.timeouts.command,
+        )
+        .await?;
         Ok(facts::node(&json)?)
     }
 
@@ -779,7 +1057,14 @@ impl<'a> Session<'a> {
         let timeout = format!("--timeout={}s", self.options.drain_timeout.as_secs());
         exec_ok(
             &self.control_plane,
-            kubectl_command(["drain", name.as_str(), "--ignore-daemonsets", "--delete-emptydir-data", "--force", timeout.as_str()]),
+            kubectl_command([
+                "drain",
+                name.as_str(),
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--force",
+                timeout.as_str(),
+            ]),
             self.options.drain_timeout + Duration::from_secs(30),
         )
         .await?;
@@ -789,7 +1074,10 @@ impl<'a> Session<'a> {
     async fn kubelet_active(&self) -> Result<bool> {
         let output = self
             .node
-            .exec(Command::new(["systemctl", "is-active", "kubelet"]).timeout(self.engine.timeouts.command))
+            .exec(
+                Command::new(["systemctl", "is-active", "kubelet"])
+                    .timeout(self.engine.timeouts.command),
+            )
             .await?;
         Ok(output.exit_code == 0)
     }
@@ -830,30 +1118,61 @@ impl<'a> Session<'a> {
     // ----- files -----
 
     async fn read_trimmed(&self, path: &str) -> Result<Option<String>> {
-        let output = self.node.exec(Command::new(["cat", path]).timeout(self.engine.timeouts.command)).await?;
-        Ok((output.exit_code == 0).then(|| String::from_utf8_lossy(&output.stdout).trim().to_string()))
+        let output = self
+            .node
+            .exec(Command::new(["cat", path]).timeout(self.engine.timeouts.command))
+            .await?;
+        Ok((output.exit_code == 0)
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string()))
     }
 
     async fn save_journal(&self) -> Result<()> {
-        let json = serde_json::to_vec_pretty(&self.journal).map_err(|e| Error::Verify(format!("journal: {e}")))?;
-        exec_ok(&self.node, Command::new(["mkdir", "-p", self.paths.dir.as_str()]), self.engine.timeouts.command).await?;
-        write_file_atomically(&self.node, &self.paths.journal(), json, 0o644, self.engine.timeouts.command).await
+        let json = serde_json::to_vec_pretty(&self.journal)
+            .map_err(|e| Error::Verify(format!("journal: {e}")))?;
+        exec_ok(
+            &self.node,
+            Command::new(["mkdir", "-p", self.paths.dir.as_str()]),
+            self.engine.timeouts.command,
+        )
+        .await?;
+        write_file_atomically(
+            &self.node,
+            &self.paths.journal(),
+            json,
+            0o644,
+            self.engine.timeouts.command,
+        )
+        .await
     }
 }
 
-async fn read_journal(node: &DockerNode, paths: &Paths, timeout: Duration) -> Result<Option<Journal>> {
-    let output = node.exec(Command::new(["cat", paths.journal().as_str()]).timeout(timeout)).await?;
+async fn read_journal(
+    node: &DockerNode,
+    paths: &Paths,
+    timeout: Duration,
+) -> Result<Option<Journal>> {
+    let output = node
+        .exec(Command::new(["cat", paths.journal().as_str()]).timeout(timeout))
+        .await?;
     if output.exit_code != 0 {
         return Ok(None);
     }
     serde_json::from_slice(&output.stdout)
         .map(Some)
-        .map_err(|_| Error::CorruptJournal { path: paths.journal() })
+        .map_err(|_| Error::CorruptJournal {
+            path: paths.journal(),
+        })
 }
 
-async fn first_with_admin_conf(control_planes: &[DockerNode], timeout: Duration) -> Result<DockerNode> {
+async fn first_with_admin_conf(
+    control_planes: &[DockerNode],
+    timeout: Duration,
+) -> Result<DockerNode> {
     for cp in control_planes {
-        if let Ok(output) = cp.exec(Command::new(["test", "-f", ADMIN_CONF]).timeout(timeout)).await {
+        if let Ok(output) = cp
+            .exec(Command::new(["test", "-f", ADMIN_CONF]).timeout(timeout))
+            .await
+        {
             if output.exit_code == 0 {
                 return Ok(cp.clone());
             }
@@ -863,11 +1182,28 @@ async fn first_with_admin_conf(control_planes: &[DockerNode], timeout: Duration)
 }
 
 /// Uploads under a temporary name next to `path`, then renames: readers never see a torn file.
-async fn write_file_atomically(node: &DockerNode, path: &str, contents: Vec<u8>, mode: u32, timeout: Duration) -> Result<()> {
-    let (dir, name) = path.rsplit_once('/').ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
+async fn write_file_atomically(
+    node: &DockerNode,
+    path: &str,
+    contents: Vec<u8>,
+    mode: u32,
+    timeout: Duration,
+) -> Result<()> {
+    let (dir, name) = path
+        .rsplit_once('/')
+        .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
     let temporary = format!(".{name}.capd-inplace");
-    node.upload(dir, vec![UploadFile::from_bytes(&temporary, contents, mode)]).await?;
-    exec_ok(node, Command::new(["mv", "-f", format!("{dir}/{temporary}").as_str(), path]), timeout).await?;
+    node.upload(
+        dir,
+        vec![UploadFile::from_bytes(&temporary, contents, mode)],
+    )
+    .await?;
+    exec_ok(
+        node,
+        Command::new(["mv", "-f", format!("{dir}/{temporary}").as_str(), path]),
+        timeout,
+    )
+    .await?;
     Ok(())
 }
 
@@ -884,7 +1220,12 @@ fn curl(url: &str, output: Option<&str>) -> Command {
 }
 
 fn release_url(base: &str, version: &Version, arch: Arch, binary: Binary) -> String {
-    format!("{}/{version}/bin/linux/{}/{}", base.trim_end_matches('/'), arch.name(), binary.name())
+    format!(
+        "{}/{version}/bin/linux/{}/{}",
+        base.trim_end_matches('/'),
+        arch.name(),
+        binary.name()
+    )
 }
 
 /// dl.k8s.io publishes the bare hex digest; `sha256sum` output (`<hex>  <name>`) is accepted too.
@@ -912,8 +1253,14 @@ mod tests {
     #[test]
     fn published_digests() {
         let hex = "a".repeat(64);
-        assert_eq!(parse_published_digest(&format!("{hex}\n")), Some(hex.clone()));
-        assert_eq!(parse_published_digest(&format!("{hex}  kubeadm\n")), Some(hex.clone()));
+        assert_eq!(
+            parse_published_digest(&format!("{hex}\n")),
+            Some(hex.clone())
+        );
+        assert_eq!(
+            parse_published_digest(&format!("{hex}  kubeadm\n")),
+            Some(hex.clone())
+        );
         assert_eq!(parse_published_digest("<html>not found</html>"), None);
         assert_eq!(parse_published_digest(""), None);
     }
@@ -922,7 +1269,12 @@ mod tests {
     fn release_urls_follow_dl_k8s_io() {
         let v: Version = "v1.32.3".parse().unwrap();
         assert_eq!(
-            release_url("http://127.0.0.1:8080/release/", &v, Arch::Amd64, Binary::Kubelet),
+            release_url(
+                "http://127.0.0.1:8080/release/",
+                &v,
+                Arch::Amd64,
+                Binary::Kubelet
+            ),
             "http://127.0.0.1:8080/release/v1.32.3/bin/linux/amd64/kubelet"
         );
     }
@@ -934,6 +1286,10 @@ mod tests {
             yaml,
             "apiVersion: kubeadm.k8s.io/v1beta4\nkind: UpgradeConfiguration\napply:\n  kubernetesVersion: v1.32.3\n  forceUpgrade: true\n  ignorePreflightErrors:\n    - SystemVerification\n    - Swap\n    - FileContent--proc-sys-net-bridge-bridge-nf-call-iptables\nnode:\n  ignorePreflightErrors:\n    - SystemVerification\n    - Swap\n    - FileContent--proc-sys-net-bridge-bridge-nf-call-iptables\n"
         );
-        assert!(lease_owner().chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'));
+        assert!(
+            lease_owner()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        );
     }
 }

@@ -29,8 +29,14 @@ pub async fn simnode_image() -> String {
             if let Ok(image) = std::env::var(IMAGE_ENV) {
                 return image;
             }
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-simnode-image.sh");
-            let output = tokio::process::Command::new(script)
+            // Found from this crate up, so that a workspace member can share this file.
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .ancestors()
+                .map(|dir| dir.join("scripts/build-simnode-image.sh"))
+                .find(|script| script.exists())
+                .expect("scripts/build-simnode-image.sh not found above this crate");
+            let script = script.display().to_string();
+            let output = tokio::process::Command::new(&script)
                 .stderr(std::process::Stdio::inherit())
                 .output()
                 .await
@@ -45,7 +51,11 @@ pub async fn simnode_image() -> String {
 /// A cluster name no other test (or test run) uses.
 pub fn unique_cluster(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// What to start.
@@ -145,7 +155,10 @@ pub async fn run_node(docker: &bollard::Docker, spec: NodeSpec) -> NodeContainer
         id: created.id,
     };
     docker
-        .start_container(&container.id, None::<bollard::query_parameters::StartContainerOptions>)
+        .start_container(
+            &container.id,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
         .await
         .unwrap();
     container
@@ -161,14 +174,19 @@ impl Drop for NodeContainer {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+                let options = RemoveContainerOptionsBuilder::new()
+                    .force(true)
+                    .v(true)
+                    .build();
                 docker.remove_container(&id, Some(options)).await
             })
         });
         match removal.join() {
             Ok(Ok(())) => {}
             // The test removed it itself.
-            Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => {}
+            Ok(Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            })) => {}
             Ok(Err(error)) => eprintln!("could not remove test container {}: {error}", self.name),
             Err(_) => eprintln!("could not remove test container {}", self.name),
         }

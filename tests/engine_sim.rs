@@ -1,0 +1,300 @@
+//! The upgrade engine against simulated CAPD clusters: real systemd containers, the real Docker
+//! Engine API, the stand-in kubeadm/kubelet/kubectl and a real artifact mirror.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capd_inplace::artifacts::{ArtifactCache, ArtifactSource, FetchConfig};
+use capd_inplace::node::Docker;
+use capd_inplace::upgrade::cluster::{self, NodeOutcome};
+use capd_inplace::upgrade::jobs::Progress;
+use capd_inplace::upgrade::{Engine, NodeTarget, Options, Outcome, Source, Step, Timeouts};
+use capd_inplace_e2e::sim::{Fault, SimCluster};
+use tokio::sync::watch;
+
+struct Fixture {
+    cluster: SimCluster,
+    engine: Engine,
+    _cache: tempfile::TempDir,
+}
+
+async fn fixture(name: &str, control_planes: usize, workers: usize, version: &str) -> Fixture {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::up(name, control_planes, workers, version)
+        .await
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let source = ArtifactSource::parse(&cluster.mirror().host_url).unwrap();
+    let artifacts = ArtifactCache::open(cache.path(), source, FetchConfig::default())
+        .await
+        .unwrap();
+    let docker = Docker::connect().await.unwrap();
+    let timeouts = Timeouts {
+        node_ready: Duration::from_secs(60),
+        ..Timeouts::default()
+    };
+    Fixture {
+        cluster,
+        engine: Engine::new(docker, artifacts, timeouts),
+        _cache: cache,
+    }
+}
+
+fn target(f: &Fixture, node: &str, version: &str) -> NodeTarget {
+    NodeTarget {
+        cluster: f.cluster.name().to_string(),
+        container: node.to_string(),
+        version: version.parse().unwrap(),
+        machine: Some(format!("default/{node}")),
+    }
+}
+
+async fn stdout(f: &Fixture, node: &str, argv: &[&str]) -> String {
+    let out = f.cluster.exec_ok(node, argv).await.unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Asserts everything a finished upgrade must leave behind on `node`.
+async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: bool) {
+    assert_eq!(
+        stdout(f, node, &["kubeadm", "version", "-o", "short"]).await,
+        version
+    );
+    assert_eq!(
+        stdout(f, node, &["kubelet", "--version"]).await,
+        format!("Kubernetes {version}")
+    );
+    let kubectl = stdout(f, node, &["kubectl", "version", "--client", "-o", "json"]).await;
+    assert!(
+        kubectl.contains(&format!("\"gitVersion\": \"{version}\""))
+            || kubectl.contains(&format!("\"gitVersion\":\"{version}\"")),
+        "{kubectl}"
+    );
+    assert_eq!(stdout(f, node, &["cat", "/kind/version"]).await, version);
+    assert_eq!(
+        stdout(f, node, &["systemctl", "is-active", "kubelet"]).await,
+        "active"
+    );
+    if control_plane {
+        for component in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ] {
+            let manifest = stdout(
+                f,
+                node,
+                &[
+                    "cat",
+                    &format!("/etc/kubernetes/manifests/{component}.yaml"),
+                ],
+            )
+            .await;
+            assert!(
+                manifest.contains(&format!("{component}:{version}")),
+                "{component} manifest not at {version}"
+            );
+        }
+    }
+    let nodes = f.cluster.nodes_json().await.unwrap();
+    let object = nodes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["metadata"]["name"] == node)
+        .unwrap();
+    assert_eq!(object["status"]["nodeInfo"]["kubeletVersion"], version);
+    assert_ne!(
+        object["spec"]["unschedulable"], true,
+        "{node} left cordoned"
+    );
+    let ready = object["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    assert!(ready, "{node} not Ready");
+    let journal: serde_json::Value = serde_json::from_str(
+        &stdout(
+            f,
+            node,
+            &[
+                "cat",
+                &format!("/var/lib/capd-inplace/{version}/journal.json"),
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(journal["done"], true);
+    assert_eq!(journal["cordonedByUs"], false);
+    // The replaced binaries are kept for a manual rollback.
+    let prev = stdout(
+        f,
+        node,
+        &["ls", &format!("/var/lib/capd-inplace/{version}/prev")],
+    )
+    .await;
+    assert_eq!(
+        prev.split_whitespace().collect::<Vec<_>>(),
+        ["kubeadm", "kubectl", "kubelet"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minor_upgrade_of_a_control_plane_and_a_worker() {
+    let f = fixture("eng-minor", 1, 1, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    let worker = f
+        .cluster
+        .nodes()
+        .iter()
+        .find(|n| n.name != cp)
+        .unwrap()
+        .name
+        .clone();
+    let ids_before: Vec<String> = f.cluster.nodes().iter().map(|n| n.id.clone()).collect();
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = {
+        let seen = seen.clone();
+        Arc::new(move |node: &str, progress: &Progress| {
+            seen.lock()
+                .unwrap()
+                .push((node.to_string(), progress.clone()))
+        })
+    };
+    let results = cluster::upgrade(
+        &f.engine,
+        f.cluster.name(),
+        "v1.32.3".parse().unwrap(),
+        &Options::default(),
+        2,
+        false,
+        record,
+    )
+    .await
+    .unwrap();
+    for result in &results {
+        assert_eq!(result.outcome, NodeOutcome::Upgraded, "{}", result.node);
+    }
+    assert_upgraded(&f, &cp, "v1.32.3", true).await;
+    assert_upgraded(&f, &worker, "v1.32.3", false).await;
+    assert_eq!(
+        f.cluster.cluster_version().await.unwrap().to_string(),
+        "v1.32.3"
+    );
+
+    // Same containers: upgraded in place, not replaced.
+    let docker = Docker::connect().await.unwrap();
+    for (node, id) in f.cluster.nodes().iter().zip(&ids_before) {
+        assert_eq!(
+            docker
+                .locate(f.cluster.name(), &node.name)
+                .await
+                .unwrap()
+                .id(),
+            id
+        );
+    }
+    // Every step was reported, in order, for each node.
+    let seen = seen.lock().unwrap();
+    for node in [&cp, &worker] {
+        let steps: Vec<Step> = seen
+            .iter()
+            .filter(|(n, _)| n == node)
+            .filter_map(|(_, p)| match p {
+                Progress::Running(step) => Some(*step),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(steps, Step::ALL.to_vec(), "{node}");
+    }
+
+    // A second run finds nothing to do and changes nothing.
+    let (tx, _rx) = watch::channel(Progress::Queued);
+    let again = f
+        .engine
+        .upgrade(&target(&f, &worker, "v1.32.3"), &Options::default(), &tx)
+        .await
+        .unwrap();
+    assert_eq!(again, Outcome::AlreadyAtTarget);
+    f.cluster.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_upgrade_with_binaries_fetched_inside_the_node() {
+    let f = fixture("eng-patch", 1, 0, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    let options = Options {
+        source: Source::FetchInNode {
+            base_url: f.cluster.mirror().network_url.clone(),
+        },
+        ..Options::default()
+    };
+    let (tx, _rx) = watch::channel(Progress::Queued);
+    let outcome = f
+        .engine
+        .upgrade(&target(&f, &cp, "v1.31.9"), &options, &tx)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Upgraded);
+    assert_upgraded(&f, &cp, "v1.31.9", true).await;
+    f.cluster.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
+    let f = fixture("eng-fault", 1, 0, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    f.cluster
+        .inject_fault(
+            &cp,
+            "kubeadm-upgrade-apply",
+            &serde_json::from_str::<Fault>(r#"{"fail_times":1,"message":"etcd is unhappy"}"#)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (tx, _rx) = watch::channel(Progress::Queued);
+    let error = f
+        .engine
+        .upgrade(&target(&f, &cp, "v1.32.3"), &Options::default(), &tx)
+        .await
+        .unwrap_err();
+    assert_eq!(error.step, Step::KubeadmUpgrade);
+    assert!(
+        error.to_string().starts_with(
+            "step 4/10 kubeadm upgrade failed on eng-fault-cp-0: `kubeadm upgrade apply"
+        ),
+        "{error}"
+    );
+    // kubeadm was installed, the rest not: the node is consistent, at the old kubelet.
+    assert_eq!(
+        stdout(&f, &cp, &["kubeadm", "version", "-o", "short"]).await,
+        "v1.32.3"
+    );
+    assert_eq!(
+        stdout(&f, &cp, &["kubelet", "--version"]).await,
+        "Kubernetes v1.31.4"
+    );
+    let journal = stdout(
+        &f,
+        &cp,
+        &["cat", "/var/lib/capd-inplace/v1.32.3/journal.json"],
+    )
+    .await;
+    assert!(
+        journal.contains("\"step\": \"kubeadm-upgrade\""),
+        "{journal}"
+    );
+
+    let outcome = f
+        .engine
+        .upgrade(&target(&f, &cp, "v1.32.3"), &Options::default(), &tx)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Upgraded);
+    assert_upgraded(&f, &cp, "v1.32.3", true).await;
+    f.cluster.down().await.unwrap();
+}
