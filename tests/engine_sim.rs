@@ -51,7 +51,7 @@ fn target(f: &Fixture, node: &str, version: &str) -> NodeTarget {
 
 async fn stdout(f: &Fixture, node: &str, argv: &[&str]) -> String {
     let out = f.cluster.exec_ok(node, argv).await.unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    out.stdout.trim().to_string()
 }
 
 /// Asserts everything a finished upgrade must leave behind on `node`.
