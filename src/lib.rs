@@ -8,5 +8,6 @@
 pub mod artifacts;
 pub mod hooks;
 pub mod node;
+pub mod telemetry;
 pub mod upgrade;
 pub mod version;
