@@ -1,1 +1,3 @@
 //! End-to-end suite for capd-inplace: the simulated kind node and the CAPI-faithful driver.
+
+pub mod capi;
