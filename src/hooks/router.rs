@@ -213,16 +213,16 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| {
-            format!("request body is unreadable or larger than 20 MiB, expected a {expected}")
+            format!("request body is unreadable or larger than 20 MiB, expected a JSON {expected}")
         })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(format!("request body is empty, expected a {expected}"));
+        return Err(format!("request body is empty, expected a JSON {expected}"));
     }
     let request: Request = serde_json::from_slice(&bytes)
         .map_err(|err| format!("request body is not a valid {expected}: {err}"))?;
     if !request.api_version().is_empty() && request.api_version() != API_VERSION {
         return Err(format!(
-            "request apiVersion is not {API_VERSION}, expected a {expected}"
+            "request apiVersion is not {API_VERSION}, expected a JSON {expected}"
         ));
     }
     if !request.kind().is_empty() && request.kind() != expected {
