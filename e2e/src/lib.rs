@@ -1,4 +1,5 @@
 //! End-to-end suite for capd-inplace: the simulated kind node and the CAPI-faithful driver.
 
+pub mod capi;
 pub mod sim;
 pub mod sim_artifacts;

@@ -35,7 +35,10 @@
 //! (no `KUBERNETES_SERVICE_HOST`) Events are off.
 
 pub mod events;
+mod logging;
 pub mod metrics;
+
+pub use logging::{Error, LogFormat, init};
 
 pub use events::{EventSink, EventType};
 pub use metrics::{Hook, HookResult, InFlight, Metrics, Outcome, metrics_router};

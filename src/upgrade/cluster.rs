@@ -19,7 +19,7 @@ use super::run::{Engine, NodeTarget, Options, Outcome, Preview, exec_ok};
 use super::step::Step;
 use super::{Error, facts};
 use crate::node::{Command, Docker, DockerNode, NodeExec, Role};
-use crate::version::Version;
+use crate::version::KubeVersion;
 
 /// Called whenever a node's progress changes: `(node name, progress)`.
 pub type ProgressFn = Arc<dyn Fn(&str, &Progress) + Send + Sync>;
@@ -70,7 +70,7 @@ pub async fn nodes(docker: &Docker, cluster: &str) -> Result<Vec<DockerNode>, Er
 pub async fn upgrade(
     engine: &Engine,
     cluster: &str,
-    version: Version,
+    version: KubeVersion,
     options: &Options,
     workers_parallel: usize,
     dry_run: bool,
@@ -262,7 +262,7 @@ async fn newest_journal(node: &DockerNode, timeout: Duration) -> Option<Journal>
     let listing = exec_ok(node, Command::new(["ls", "-1", journal::ROOT]), timeout)
         .await
         .ok()?;
-    let newest: Version = listing
+    let newest: KubeVersion = listing
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .max()?;

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 
-use crate::version::Version;
+use crate::version::KubeVersion;
 
 /// Output that did not have the shape the real tool prints.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ fn parse_error(what: &'static str, detail: impl Into<String>) -> ParseError {
     }
 }
 
-fn version_in(what: &'static str, text: &str) -> Result<Version, ParseError> {
+fn version_in(what: &'static str, text: &str) -> Result<KubeVersion, ParseError> {
     text.trim().parse().map_err(|_| {
         parse_error(
             what,
@@ -42,12 +42,12 @@ fn short(text: &str) -> String {
 }
 
 /// `kubeadm version -o short` prints the bare version.
-pub fn kubeadm_version(stdout: &str) -> Result<Version, ParseError> {
+pub fn kubeadm_version(stdout: &str) -> Result<KubeVersion, ParseError> {
     version_in("kubeadm version -o short", stdout)
 }
 
 /// `kubelet --version` prints `Kubernetes vX.Y.Z`.
-pub fn kubelet_version(stdout: &str) -> Result<Version, ParseError> {
+pub fn kubelet_version(stdout: &str) -> Result<KubeVersion, ParseError> {
     let rest = stdout.trim().strip_prefix("Kubernetes ").ok_or_else(|| {
         parse_error(
             "kubelet --version",
@@ -58,7 +58,7 @@ pub fn kubelet_version(stdout: &str) -> Result<Version, ParseError> {
 }
 
 /// `kubectl version --client -o json` prints `{"clientVersion":{"gitVersion":"vX.Y.Z",…},…}`.
-pub fn kubectl_client_version(stdout: &str) -> Result<Version, ParseError> {
+pub fn kubectl_client_version(stdout: &str) -> Result<KubeVersion, ParseError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Output {
@@ -80,7 +80,7 @@ pub fn kubectl_client_version(stdout: &str) -> Result<Version, ParseError> {
 /// The `kubernetesVersion` of a kubeadm ClusterConfiguration (the `ClusterConfiguration` key of
 /// the `kube-system/kubeadm-config` ConfigMap). The document is flat YAML at the top level, so a
 /// line scan is exact for the one key we need and avoids a YAML dependency.
-pub fn cluster_configuration_version(yaml: &str) -> Result<Version, ParseError> {
+pub fn cluster_configuration_version(yaml: &str) -> Result<KubeVersion, ParseError> {
     const WHAT: &str = "kubeadm-config ClusterConfiguration";
     let value = yaml
         .lines()
@@ -91,7 +91,7 @@ pub fn cluster_configuration_version(yaml: &str) -> Result<Version, ParseError> 
 
 /// The tag of the first `image:` in a static pod manifest, e.g. the kube-apiserver version a
 /// control-plane node runs.
-pub fn manifest_image_version(yaml: &str) -> Result<Version, ParseError> {
+pub fn manifest_image_version(yaml: &str) -> Result<KubeVersion, ParseError> {
     const WHAT: &str = "static pod manifest";
     let image = yaml
         .lines()
@@ -204,7 +204,7 @@ pub fn nodes(json: &str) -> Result<Vec<NodeStatus>, ParseError> {
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> Version {
+    fn v(s: &str) -> KubeVersion {
         s.parse().unwrap()
     }
 

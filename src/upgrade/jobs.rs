@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, info_span, warn};
 
 use super::step::Step;
-use crate::version::Version;
+use crate::version::KubeVersion;
 
 /// A Machine, by `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,7 +72,7 @@ pub trait Runner<R>: Send + Sync + 'static {
 }
 
 struct Job {
-    target: Version,
+    target: KubeVersion,
     progress: watch::Receiver<Progress>,
     /// Attempts started for this target, for the backoff.
     attempts: u32,
@@ -128,7 +128,7 @@ where
     }
 
     /// Starts or joins the job for `key` at `target`, and reports where it stands. Never blocks.
-    pub fn poll(&self, key: MachineKey, target: Version, request: impl FnOnce() -> R) -> Poll {
+    pub fn poll(&self, key: MachineKey, target: KubeVersion, request: impl FnOnce() -> R) -> Poll {
         let mut jobs = self
             .jobs
             .lock()
@@ -173,7 +173,7 @@ where
         poll_of(&Progress::Queued, &target)
     }
 
-    fn spawn(&self, key: MachineKey, target: Version, attempts: u32, request: R) -> Job {
+    fn spawn(&self, key: MachineKey, target: KubeVersion, attempts: u32, request: R) -> Job {
         let (tx, rx) = watch::channel(Progress::Queued);
         let runner = self.runner.clone();
         let slots = self.slots.clone();
@@ -228,7 +228,7 @@ where
     }
 }
 
-fn poll_of(progress: &Progress, target: &Version) -> Poll {
+fn poll_of(progress: &Progress, target: &KubeVersion) -> Poll {
     match progress {
         Progress::Queued => Poll::InProgress {
             message: format!("queued: upgrade to {target}"),
@@ -295,7 +295,7 @@ mod tests {
         }
     }
 
-    fn v(s: &str) -> Version {
+    fn v(s: &str) -> KubeVersion {
         s.parse().unwrap()
     }
 

@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::step::Step;
-use crate::version::Version;
+use crate::version::KubeVersion;
 
 pub const ROOT: &str = "/var/lib/capd-inplace";
 pub const LOCK_FILE: &str = "/var/lib/capd-inplace/.lock";
@@ -36,8 +36,8 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new(target: &Version) -> Self {
-        // `Version` only displays as vMAJOR.MINOR.PATCH, so this path cannot escape ROOT.
+    pub fn new(target: &KubeVersion) -> Self {
+        // `KubeVersion` only displays as vMAJOR.MINOR.PATCH, so this path cannot escape ROOT.
         Paths {
             dir: format!("{ROOT}/{target}"),
         }
@@ -100,7 +100,7 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn new(target: &Version, machine: Option<String>) -> Self {
+    pub fn new(target: &KubeVersion, machine: Option<String>) -> Self {
         Journal {
             target: target.to_string(),
             machine,

@@ -10,18 +10,18 @@
 //!   runs `upgrade node`; standalone, the first control-plane node runs `apply`.
 
 use crate::node::Role;
-use crate::version::Version;
+use crate::version::KubeVersion;
 
 /// What preflight read from the node and its cluster.
 #[derive(Debug, Clone)]
 pub struct Facts {
     pub role: Role,
     /// Versions before this upgrade: from the journal when one exists, else the installed binaries.
-    pub kubelet_from: Version,
+    pub kubelet_from: KubeVersion,
     /// `kubernetesVersion` of the cluster's kubeadm-config.
-    pub cluster: Version,
+    pub cluster: KubeVersion,
     /// The kube-apiserver version of every control-plane node (from their static pod manifests).
-    pub apiservers: Vec<Version>,
+    pub apiservers: Vec<KubeVersion>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,26 +66,38 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SkewError {
     #[error("{target} is older than the node's kubelet {from}: downgrades are not supported")]
-    Downgrade { from: Version, target: Version },
+    Downgrade {
+        from: KubeVersion,
+        target: KubeVersion,
+    },
     #[error("{from} to {target} skips a minor version; upgrade one minor at a time")]
-    SkipsMinor { from: Version, target: Version },
+    SkipsMinor {
+        from: KubeVersion,
+        target: KubeVersion,
+    },
     #[error(
         "the cluster is already at {cluster}, newer than {target}; upgrade this node to {cluster}"
     )]
-    ClusterNewer { cluster: Version, target: Version },
+    ClusterNewer {
+        cluster: KubeVersion,
+        target: KubeVersion,
+    },
     #[error(
         "the control plane runs kube-apiserver {apiserver}, older than {target}; upgrade the control plane first"
     )]
-    ControlPlaneBehind { apiserver: Version, target: Version },
+    ControlPlaneBehind {
+        apiserver: KubeVersion,
+        target: KubeVersion,
+    },
     #[error("the cluster has no control-plane node with a kube-apiserver manifest")]
     NoControlPlane,
     #[error(
         "kubeadm {target} is known to break `kubeadm upgrade apply` (it resets the kubelet configuration); use the next patch release"
     )]
-    KnownBadKubeadm { target: Version },
+    KnownBadKubeadm { target: KubeVersion },
 }
 
-fn minor_steps(from: &Version, to: &Version) -> u64 {
+fn minor_steps(from: &KubeVersion, to: &KubeVersion) -> u64 {
     if from.major != to.major {
         // Kubernetes has had no major bump; treat one as an unbounded jump.
         return u64::MAX;
@@ -93,7 +105,7 @@ fn minor_steps(from: &Version, to: &Version) -> u64 {
     to.minor.saturating_sub(from.minor)
 }
 
-pub fn plan(facts: &Facts, target: &Version, policy: Policy) -> Result<Plan, SkewError> {
+pub fn plan(facts: &Facts, target: &KubeVersion, policy: Policy) -> Result<Plan, SkewError> {
     let from = facts.kubelet_from;
     if *target < from {
         return Err(SkewError::Downgrade {
@@ -130,7 +142,7 @@ pub fn plan(facts: &Facts, target: &Version, policy: Policy) -> Result<Plan, Ske
             // kubeadm v1.30.0 rewrote /var/lib/kubelet/config.yaml with defaults on apply,
             // dropping kind's kubelet settings (kubernetes/kubeadm#3049).
             if *target
-                == (Version {
+                == (KubeVersion {
                     major: 1,
                     minor: 30,
                     patch: 0,
@@ -179,7 +191,7 @@ pub fn plan(facts: &Facts, target: &Version, policy: Policy) -> Result<Plan, Ske
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> Version {
+    fn v(s: &str) -> KubeVersion {
         s.parse().unwrap()
     }
 

@@ -21,7 +21,7 @@ use super::step::Step;
 use super::{Error, Result, StepError};
 use crate::artifacts::{Arch, ArtifactCache, Binary};
 use crate::node::{Command, Docker, DockerNode, NodeExec, Role, UploadFile};
-use crate::version::Version;
+use crate::version::KubeVersion;
 
 const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 const APISERVER_MANIFEST: &str = "/etc/kubernetes/manifests/kube-apiserver.yaml";
@@ -92,7 +92,7 @@ impl Default for Timeouts {
 pub struct NodeTarget {
     pub cluster: String,
     pub container: String,
-    pub version: Version,
+    pub version: KubeVersion,
     /// `namespace/name` of the Machine, recorded in the journal.
     pub machine: Option<String>,
 }
@@ -466,9 +466,10 @@ impl<'a> Session<'a> {
             kubelet: kubelet.to_string(),
             kubectl: kubectl.to_string(),
         });
-        let kubelet_from: Version = from.kubelet.parse().map_err(|_| Error::CorruptJournal {
-            path: paths.journal(),
-        })?;
+        let kubelet_from: KubeVersion =
+            from.kubelet.parse().map_err(|_| Error::CorruptJournal {
+                path: paths.journal(),
+            })?;
         let plan = plan::plan(
             &Facts {
                 role,
@@ -925,7 +926,7 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn installed_version(&self, binary: Binary) -> Result<Option<Version>> {
+    async fn installed_version(&self, binary: Binary) -> Result<Option<KubeVersion>> {
         let argv: &[&str] = match binary {
             Binary::Kubeadm => &["kubeadm", "version", "-o", "short"],
             Binary::Kubelet => &["kubelet", "--version"],
@@ -1219,7 +1220,7 @@ fn curl(url: &str, output: Option<&str>) -> Command {
     }
 }
 
-fn release_url(base: &str, version: &Version, arch: Arch, binary: Binary) -> String {
+fn release_url(base: &str, version: &KubeVersion, arch: Arch, binary: Binary) -> String {
     format!(
         "{}/{version}/bin/linux/{}/{}",
         base.trim_end_matches('/'),
@@ -1236,7 +1237,7 @@ fn parse_published_digest(text: &str) -> Option<String> {
 
 /// The kubeadm.k8s.io/v1beta4 UpgradeConfiguration for `apply` and `node`, non-interactive and
 /// with kind's preflight ignores.
-fn upgrade_configuration(version: &Version) -> String {
+fn upgrade_configuration(version: &KubeVersion) -> String {
     let ignores: String = IGNORE_PREFLIGHT_ERRORS
         .split(',')
         .map(|e| format!("    - {e}\n"))
@@ -1267,7 +1268,7 @@ mod tests {
 
     #[test]
     fn release_urls_follow_dl_k8s_io() {
-        let v: Version = "v1.32.3".parse().unwrap();
+        let v: KubeVersion = "v1.32.3".parse().unwrap();
         assert_eq!(
             release_url(
                 "http://127.0.0.1:8080/release/",

@@ -1,3 +1,112 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: CAPD-shaped node containers ([`simnode`]), and for
+//! the HTTPS tests a server on 127.0.0.1:0 with a generated certificate, and a
+//! reqwest client (rustls with ring) that trusts only the generated CA.
+
+#![allow(clippy::unwrap_used, dead_code)]
 
 pub mod simnode;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capd_inplace::hooks::router::AppState;
+use capd_inplace::hooks::server::{self, GeneratedCertificate, Running, ServeConfig};
+use capd_inplace::hooks::update_machine::NotImplemented;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub const BASE: &str = "/hooks.runtime.cluster.x-k8s.io/v1alpha1";
+
+/// Writes `tls.crt` / `tls.key` for 127.0.0.1 and localhost into `dir`; returns the PEM texts.
+pub fn write_certificate(dir: &Path) -> GeneratedCertificate {
+    let generated = server::generate_dev_certificate(&["127.0.0.1", "localhost"]).unwrap();
+    // Key first: a reader that sees the new certificate must also see its key.
+    std::fs::write(dir.join(server::KEY_FILE), &generated.key_pem).unwrap();
+    std::fs::write(dir.join(server::CERT_FILE), &generated.cert_pem).unwrap();
+    generated
+}
+
+/// A config for 127.0.0.1:0 with fast reload and a short grace period.
+pub fn config(cert_dir: &Path) -> ServeConfig {
+    ServeConfig {
+        bind_address: "127.0.0.1:0".parse().unwrap(),
+        cert_dir: cert_dir.to_path_buf(),
+        client_ca: None,
+        path_prefix: String::new(),
+        health_bind_address: Some("127.0.0.1:0".parse().unwrap()),
+        reload_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(2),
+    }
+}
+
+/// A started server and the means to stop it.
+pub struct TestServer {
+    pub hooks: SocketAddr,
+    pub health: Option<SocketAddr>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<server::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: ServeConfig) -> Self {
+        let running: Running = server::start(config, AppState::new(Arc::new(NotImplemented)))
+            .await
+            .unwrap();
+        let (hooks, health) = (running.hooks_address, running.health_address);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(running.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            hooks,
+            health,
+            stop,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.hooks.port())
+    }
+
+    /// Stops the server and waits for it (bounded).
+    pub async fn stop(self) -> server::Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// A client that trusts only `ca_pem`, optionally presenting a client certificate.
+pub fn client(ca_pem: &str, identity: Option<&GeneratedCertificate>) -> reqwest::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some(identity) => {
+            let chain: Vec<_> = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
+}

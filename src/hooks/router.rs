@@ -1,0 +1,424 @@
+//! The axum router: one handler list gives both the routes and the Discovery response.
+//!
+//! Every route is `POST [prefix]/hooks.runtime.cluster.x-k8s.io/v1alpha1/<hook lowercased>[/<name>]`
+//! (cluster-api `api/runtime/catalog/catalog.go`, `GVHToPath`). Like upstream's Go server
+//! (`exp/runtime/server/server.go`) every answer is HTTP 200 with a JSON body: a body that is missing,
+//! not JSON, the wrong kind or over 20 MiB gets `status: Failure` and a message saying what was wrong.
+//! No Content-Type is required (CAPI sends none) and the `?timeout=` query is accepted and ignored;
+//! a timeout layer bounds every request below CAPI's 30 s maximum.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{MethodRouter, post};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use tracing::{info, info_span, warn};
+
+use super::can_update::{can_update_machine, can_update_machine_set};
+use super::types::{
+    API_VERSION, CanUpdateMachineRequest, CanUpdateMachineSetRequest, DiscoveryRequest,
+    DiscoveryResponse, ExtensionHandler, FailurePolicy, GroupVersionHook, Hook, HookRequest,
+    HookResponse, ResponseStatus, UpdateMachineRequest, object,
+};
+use super::update_machine::UpdateMachineHandler;
+
+/// Largest request body read, as upstream's `maxExtensionRequestBodyBytes`.
+pub const MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+/// Server-side bound on one request; CAPI's own limit is the handler timeout (at most 30 s).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(25);
+/// The timeout each handler asks CAPI to use (CAPI's default; the maximum is 30).
+pub const HANDLER_TIMEOUT_SECONDS: i32 = 10;
+
+/// Shared state of the hook handlers. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub update_machine: Arc<dyn UpdateMachineHandler>,
+}
+
+impl AppState {
+    /// State with the given UpdateMachine implementation.
+    pub fn new(update_machine: Arc<dyn UpdateMachineHandler>) -> Self {
+        Self { update_machine }
+    }
+}
+
+/// One served handler: its hook, its DNS-1123 name, and its route.
+struct Handler {
+    hook: Hook,
+    name: &'static str,
+    route: MethodRouter<AppState>,
+}
+
+/// The handler list; Discovery and the routes are both built from it.
+fn handlers() -> Vec<Handler> {
+    vec![
+        Handler {
+            hook: Hook::CanUpdateMachine,
+            name: "can-update-machine",
+            route: post(|body: Body| {
+                serve(body, |request: CanUpdateMachineRequest| async move {
+                    let response = can_update_machine(&request);
+                    log_decision(
+                        Hook::CanUpdateMachine,
+                        request.current.machine.as_ref(),
+                        &response.message,
+                        response.machine_patch.is_some()
+                            || response.infrastructure_machine_patch.is_some()
+                            || response.bootstrap_config_patch.is_some(),
+                    );
+                    response
+                })
+            }),
+        },
+        Handler {
+            hook: Hook::CanUpdateMachineSet,
+            name: "can-update-machineset",
+            route: post(|body: Body| {
+                serve(body, |request: CanUpdateMachineSetRequest| async move {
+                    let response = can_update_machine_set(&request);
+                    log_decision(
+                        Hook::CanUpdateMachineSet,
+                        request.current.machine_set.as_ref(),
+                        &response.message,
+                        response.machine_set_patch.is_some()
+                            || response.infrastructure_machine_template_patch.is_some()
+                            || response.bootstrap_config_template_patch.is_some(),
+                    );
+                    response
+                })
+            }),
+        },
+        Handler {
+            hook: Hook::UpdateMachine,
+            name: "update-machine",
+            route: post(|State(state): State<AppState>, body: Body| {
+                serve(body, move |request: UpdateMachineRequest| async move {
+                    let machine = request
+                        .desired
+                        .machine
+                        .as_ref()
+                        .map(object::namespaced_name)
+                        .unwrap_or_default();
+                    let response = state.update_machine.update_machine(request).await;
+                    info!(
+                        hook = Hook::UpdateMachine.name(),
+                        machine,
+                        status = ?response.status,
+                        retry_after_seconds = response.retry_after_seconds,
+                        message = response.message,
+                        "answered"
+                    );
+                    response
+                })
+            }),
+        },
+    ]
+}
+
+/// `[prefix]/hooks.runtime.cluster.x-k8s.io/v1alpha1/<hook lowercased>[/<name>]`.
+pub fn hook_path(prefix: &str, hook: Hook, name: Option<&str>) -> String {
+    let prefix = normalize_prefix(prefix);
+    let hook = hook.name().to_lowercase();
+    match name {
+        Some(name) => format!("{prefix}/{API_VERSION}/{hook}/{name}"),
+        None => format!("{prefix}/{API_VERSION}/{hook}"),
+    }
+}
+
+/// `""`, `"/"` and `"/x/"` become `""`, `""` and `"/x"`.
+fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+/// The Discovery answer for a handler list.
+fn discovery_response(handlers: &[Handler]) -> DiscoveryResponse {
+    let mut response = DiscoveryResponse::new(ResponseStatus::Success, "");
+    response.handlers = handlers
+        .iter()
+        .map(|handler| ExtensionHandler {
+            name: handler.name.to_owned(),
+            request_hook: GroupVersionHook {
+                api_version: API_VERSION.to_owned(),
+                hook: handler.hook.name().to_owned(),
+            },
+            timeout_seconds: Some(HANDLER_TIMEOUT_SECONDS),
+            failure_policy: Some(FailurePolicy::Fail),
+        })
+        .collect();
+    response
+}
+
+/// The hook router under `path_prefix`.
+pub fn router(state: AppState, path_prefix: &str) -> Router {
+    let handlers = handlers();
+    let discovery = Arc::new(discovery_response(&handlers));
+    let mut router = Router::new().route(
+        &hook_path(path_prefix, Hook::Discovery, None),
+        post(move |body: Body| {
+            let discovery = Arc::clone(&discovery);
+            serve(body, move |_: DiscoveryRequest| async move {
+                DiscoveryResponse::clone(&discovery)
+            })
+        }),
+    );
+    for handler in handlers {
+        router = router.route(
+            &hook_path(path_prefix, handler.hook, Some(handler.name)),
+            handler.route,
+        );
+    }
+    router
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(
+            |request: &axum::http::Request<Body>| {
+                info_span!("hook call", path = %request.uri().path())
+            },
+        ))
+        .with_state(state)
+}
+
+/// Reads, decodes and checks the body, then answers with `answer`, or with a `Failure` saying why not.
+async fn serve<Request, Response, Answer, Fut>(body: Body, answer: Answer) -> Json<Response>
+where
+    Request: HookRequest,
+    Response: HookResponse,
+    Answer: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    match decode::<Request>(body).await {
+        Ok(request) => Json(answer(request).await),
+        Err(message) => {
+            warn!(hook = Request::HOOK.name(), message, "rejected request");
+            Json(Response::failure(message))
+        }
+    }
+}
+
+async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
+    let expected = Request::HOOK.request_kind();
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            format!("request body is unreadable or larger than 20 MiB, expected a JSON {expected}")
+        })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("request body is empty, expected a JSON {expected}"));
+    }
+    let request: Request = serde_json::from_slice(&bytes)
+        .map_err(|err| format!("request body is not a valid {expected}: {err}"))?;
+    if !request.api_version().is_empty() && request.api_version() != API_VERSION {
+        return Err(format!(
+            "request apiVersion is not {API_VERSION}, expected a JSON {expected}"
+        ));
+    }
+    if !request.kind().is_empty() && request.kind() != expected {
+        return Err(format!("request kind is not {expected}"));
+    }
+    Ok(request)
+}
+
+fn log_decision(hook: Hook, owner: Option<&serde_json::Value>, message: &str, patched: bool) {
+    info!(
+        hook = hook.name(),
+        object = owner.map(object::namespaced_name).unwrap_or_default(),
+        patched,
+        message,
+        "answered"
+    );
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::hooks::update_machine::{NOT_IMPLEMENTED_MESSAGE, NotImplemented};
+    use axum::http::Request;
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    fn app(prefix: &str) -> Router {
+        router(AppState::new(Arc::new(NotImplemented)), prefix)
+    }
+
+    async fn call(app: Router, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+        let response = app
+            .oneshot(Request::post(path).body(body.into()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    const BASE: &str = "/hooks.runtime.cluster.x-k8s.io/v1alpha1";
+
+    #[tokio::test]
+    async fn discovery_lists_the_three_handlers() {
+        let (status, body) = call(
+            app(""),
+            &format!("{BASE}/discovery?timeout=10s"),
+            r#"{"apiVersion":"hooks.runtime.cluster.x-k8s.io/v1alpha1","kind":"DiscoveryRequest"}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let hook = |name: &str, hook: &str| {
+            json!({"name": name, "requestHook": {"apiVersion": API_VERSION, "hook": hook},
+                   "timeoutSeconds": 10, "failurePolicy": "Fail"})
+        };
+        assert_eq!(
+            body,
+            json!({
+                "apiVersion": API_VERSION,
+                "kind": "DiscoveryResponse",
+                "status": "Success",
+                "handlers": [
+                    hook("can-update-machine", "CanUpdateMachine"),
+                    hook("can-update-machineset", "CanUpdateMachineSet"),
+                    hook("update-machine", "UpdateMachine"),
+                ],
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn discovery_passes_capi_validation() {
+        let handlers = handlers();
+        let response = discovery_response(&handlers);
+        let mut names = std::collections::BTreeSet::new();
+        for handler in &response.handlers {
+            // DNS-1123 label: lowercase alphanumerics and '-', alphanumeric at both ends, at most 63.
+            let name = handler.name.as_str();
+            assert!(name.len() <= 63 && !name.is_empty());
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            );
+            assert!(!name.starts_with('-') && !name.ends_with('-'));
+            assert!(names.insert(name), "duplicate {name}");
+            assert!((0..=30).contains(&handler.timeout_seconds.unwrap()));
+            assert_eq!(handler.failure_policy, Some(FailurePolicy::Fail));
+            assert_eq!(handler.request_hook.api_version, API_VERSION);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_route_answers_bad_bodies_with_failure() {
+        let routes = [
+            ("discovery", "DiscoveryResponse"),
+            (
+                "canupdatemachine/can-update-machine",
+                "CanUpdateMachineResponse",
+            ),
+            (
+                "canupdatemachineset/can-update-machineset",
+                "CanUpdateMachineSetResponse",
+            ),
+            ("updatemachine/update-machine", "UpdateMachineResponse"),
+        ];
+        let bodies: [(&str, Vec<u8>, &str); 5] = [
+            ("empty", Vec::new(), "request body is empty"),
+            (
+                "garbage",
+                b"\x00not json{".to_vec(),
+                "request body is not a valid",
+            ),
+            ("array", b"[1,2]".to_vec(), "request body is not a valid"),
+            (
+                "wrong kind",
+                br#"{"kind":"SomethingElse"}"#.to_vec(),
+                "request kind is not",
+            ),
+            (
+                "wrong apiVersion",
+                br#"{"apiVersion":"v1"}"#.to_vec(),
+                "request apiVersion is not",
+            ),
+        ];
+        for (route, kind) in routes {
+            for (name, body, message) in &bodies {
+                let (status, response) = call(
+                    app("/prefix"),
+                    &format!("/prefix{BASE}/{route}?timeout=10s"),
+                    body.clone(),
+                )
+                .await;
+                assert_eq!(status, StatusCode::OK, "{route} {name}");
+                assert_eq!(response["kind"], kind, "{route} {name}");
+                assert_eq!(response["apiVersion"], API_VERSION, "{route} {name}");
+                assert_eq!(response["status"], "Failure", "{route} {name}");
+                let text = response["message"].as_str().unwrap();
+                assert!(text.starts_with(message), "{route} {name}: {text}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_a_failure() {
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        let (status, response) = call(
+            app(""),
+            &format!("{BASE}/canupdatemachine/can-update-machine"),
+            big,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(response["status"], "Failure");
+        assert!(
+            response["message"]
+                .as_str()
+                .unwrap()
+                .contains("larger than 20 MiB")
+        );
+    }
+
+    #[tokio::test]
+    async fn update_machine_goes_through_the_seam() {
+        let (status, response) = call(
+            app(""),
+            &format!("{BASE}/updatemachine/update-machine"),
+            r#"{"apiVersion":"hooks.runtime.cluster.x-k8s.io/v1alpha1","kind":"UpdateMachineRequest","desired":{}}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            response,
+            json!({
+                "apiVersion": API_VERSION,
+                "kind": "UpdateMachineResponse",
+                "status": "Failure",
+                "message": NOT_IMPLEMENTED_MESSAGE,
+                "retryAfterSeconds": 0,
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn prefix_is_normalized() {
+        for prefix in ["/ext", "ext", "/ext/"] {
+            let (status, response) =
+                call(app(prefix), &format!("/ext{BASE}/discovery"), "{}").await;
+            assert_eq!(status, StatusCode::OK, "{prefix}");
+            assert_eq!(response["status"], "Success", "{prefix}");
+        }
+        let (status, _) = call(app("/ext"), &format!("{BASE}/discovery"), "{}").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,491 @@
+//! Wire types of `hooks.runtime.cluster.x-k8s.io/v1alpha1`, field for field as upstream
+//! (`api/runtime/hooks/v1alpha1/{inplaceupdate,common,discovery}_types.go` in cluster-api).
+//!
+//! Decoding is lenient the way Go's `encoding/json` is: unknown fields are ignored, `null` reads as
+//! the zero value, and every object may be missing. The objects inside requests (Machine, MachineSet,
+//! infrastructure and bootstrap objects) stay arbitrary JSON; [`object`] has the few typed accessors the
+//! policy needs. Responses always carry `apiVersion` and `kind: <Hook>Response`, and
+//! `UpdateMachineResponse` always carries `retryAfterSeconds`, as upstream's `+required` tag says.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+/// The group/version of every hook request and response.
+pub const API_VERSION: &str = "hooks.runtime.cluster.x-k8s.io/v1alpha1";
+
+/// The hooks this extension serves, plus Discovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Discovery,
+    CanUpdateMachine,
+    CanUpdateMachineSet,
+    UpdateMachine,
+}
+
+impl Hook {
+    /// The hook name as in Discovery `requestHook.hook` and in `pending-hooks`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Discovery => "Discovery",
+            Hook::CanUpdateMachine => "CanUpdateMachine",
+            Hook::CanUpdateMachineSet => "CanUpdateMachineSet",
+            Hook::UpdateMachine => "UpdateMachine",
+        }
+    }
+
+    /// The `kind` of the request (`<Hook>Request`).
+    pub const fn request_kind(self) -> &'static str {
+        match self {
+            Hook::Discovery => "DiscoveryRequest",
+            Hook::CanUpdateMachine => "CanUpdateMachineRequest",
+            Hook::CanUpdateMachineSet => "CanUpdateMachineSetRequest",
+            Hook::UpdateMachine => "UpdateMachineRequest",
+        }
+    }
+
+    /// The `kind` of the response (`<Hook>Response`).
+    pub const fn response_kind(self) -> &'static str {
+        match self {
+            Hook::Discovery => "DiscoveryResponse",
+            Hook::CanUpdateMachine => "CanUpdateMachineResponse",
+            Hook::CanUpdateMachineSet => "CanUpdateMachineSetResponse",
+            Hook::UpdateMachine => "UpdateMachineResponse",
+        }
+    }
+}
+
+/// `status` of every response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseStatus {
+    Success,
+    Failure,
+}
+
+/// `patchType` of a [`Patch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PatchType {
+    #[serde(rename = "JSONPatch")]
+    JsonPatch,
+    #[serde(rename = "JSONMergePatch")]
+    JsonMergePatch,
+}
+
+/// A JSON Patch (RFC 6902) or JSON Merge Patch (RFC 7386) for a whole object. `patch` is Go `[]byte`,
+/// so on the wire it is standard base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Patch {
+    pub patch_type: PatchType,
+    #[serde(with = "base64_bytes")]
+    pub patch: Vec<u8>,
+}
+
+impl Patch {
+    /// A JSON Patch from its operations.
+    pub fn json_patch(operations: &[Value]) -> Self {
+        // Serializing a slice of `Value` cannot fail: every key is a string.
+        let patch = serde_json::to_vec(operations).unwrap_or_default();
+        Self {
+            patch_type: PatchType::JsonPatch,
+            patch,
+        }
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?.unwrap_or_default();
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads `null` as the type's default, as Go does for non-pointer fields.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// `settings` (ExtensionConfig `spec.settings`); a `null` value reads as an empty string.
+fn settings_map<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: Option<BTreeMap<String, Option<String>>> = Option::deserialize(deserializer)?;
+    Ok(raw
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(key, value)| (key, value.unwrap_or_default()))
+        .collect())
+}
+
+/// The fields every request shares (`TypeMeta` and `CommonRequest`).
+pub trait HookRequest: serde::de::DeserializeOwned {
+    const HOOK: Hook;
+    /// The `apiVersion` the caller sent (may be empty).
+    fn api_version(&self) -> &str;
+    /// The `kind` the caller sent (may be empty).
+    fn kind(&self) -> &str;
+}
+
+/// A response that can be built for a failed call.
+pub trait HookResponse: Serialize {
+    /// A `Failure` response with a message.
+    fn failure(message: impl Into<String>) -> Self;
+}
+
+macro_rules! request_type_meta {
+    ($type:ty, $hook:expr) => {
+        impl HookRequest for $type {
+            const HOOK: Hook = $hook;
+            fn api_version(&self) -> &str {
+                &self.api_version
+            }
+            fn kind(&self) -> &str {
+                &self.kind
+            }
+        }
+    };
+}
+
+/// `DiscoveryRequest`: only type meta.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct DiscoveryRequest {
+    #[serde(deserialize_with = "null_as_default")]
+    pub api_version: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub kind: String,
+}
+request_type_meta!(DiscoveryRequest, Hook::Discovery);
+
+/// `CanUpdateMachineRequest`, sent by KubeadmControlPlane.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CanUpdateMachineRequest {
+    #[serde(deserialize_with = "null_as_default")]
+    pub api_version: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub kind: String,
+    #[serde(deserialize_with = "settings_map")]
+    pub settings: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub current: CanUpdateMachineRequestObjects,
+    #[serde(deserialize_with = "null_as_default")]
+    pub desired: CanUpdateMachineRequestObjects,
+}
+request_type_meta!(CanUpdateMachineRequest, Hook::CanUpdateMachine);
+
+/// `CanUpdateMachineRequestObjects`; `None` means missing or `null`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CanUpdateMachineRequestObjects {
+    pub machine: Option<Value>,
+    pub infrastructure_machine: Option<Value>,
+    pub bootstrap_config: Option<Value>,
+}
+
+/// `CanUpdateMachineSetRequest`, sent by the MachineDeployment controller.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CanUpdateMachineSetRequest {
+    #[serde(deserialize_with = "null_as_default")]
+    pub api_version: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub kind: String,
+    #[serde(deserialize_with = "settings_map")]
+    pub settings: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub current: CanUpdateMachineSetRequestObjects,
+    #[serde(deserialize_with = "null_as_default")]
+    pub desired: CanUpdateMachineSetRequestObjects,
+}
+request_type_meta!(CanUpdateMachineSetRequest, Hook::CanUpdateMachineSet);
+
+/// `CanUpdateMachineSetRequestObjects`; `None` means missing or `null`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CanUpdateMachineSetRequestObjects {
+    pub machine_set: Option<Value>,
+    pub infrastructure_machine_template: Option<Value>,
+    pub bootstrap_config_template: Option<Value>,
+}
+
+/// `UpdateMachineRequest`, sent (and re-sent) by the Machine controller. Only `desired` exists.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct UpdateMachineRequest {
+    #[serde(deserialize_with = "null_as_default")]
+    pub api_version: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub kind: String,
+    #[serde(deserialize_with = "settings_map")]
+    pub settings: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub desired: UpdateMachineRequestObjects,
+}
+request_type_meta!(UpdateMachineRequest, Hook::UpdateMachine);
+
+/// `UpdateMachineRequestObjects`; `None` means missing or `null`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct UpdateMachineRequestObjects {
+    pub machine: Option<Value>,
+    pub infrastructure_machine: Option<Value>,
+    pub bootstrap_config: Option<Value>,
+}
+
+/// `failurePolicy` of a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailurePolicy {
+    Ignore,
+    Fail,
+}
+
+/// `GroupVersionHook`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupVersionHook {
+    pub api_version: String,
+    pub hook: String,
+}
+
+/// `ExtensionHandler` as listed by Discovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionHandler {
+    pub name: String,
+    pub request_hook: GroupVersionHook,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_policy: Option<FailurePolicy>,
+}
+
+macro_rules! response_type {
+    ($(#[$doc:meta])* $name:ident, $hook:expr, { $($(#[$fattr:meta])* pub $field:ident : $ftype:ty,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        pub struct $name {
+            #[serde(default)]
+            pub api_version: String,
+            #[serde(default)]
+            pub kind: String,
+            pub status: ResponseStatus,
+            #[serde(default, skip_serializing_if = "String::is_empty")]
+            pub message: String,
+            $($(#[$fattr])* pub $field: $ftype,)*
+        }
+
+        impl $name {
+            /// A response with `apiVersion` and `kind` filled in and every optional field empty.
+            pub fn new(status: ResponseStatus, message: impl Into<String>) -> Self {
+                Self {
+                    api_version: API_VERSION.to_owned(),
+                    kind: $hook.response_kind().to_owned(),
+                    status,
+                    message: message.into(),
+                    $($field: Default::default(),)*
+                }
+            }
+        }
+
+        impl HookResponse for $name {
+            fn failure(message: impl Into<String>) -> Self {
+                Self::new(ResponseStatus::Failure, message)
+            }
+        }
+    };
+}
+
+response_type!(
+    /// `DiscoveryResponse`.
+    DiscoveryResponse, Hook::Discovery, {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub handlers: Vec<ExtensionHandler>,
+    }
+);
+
+response_type!(
+    /// `CanUpdateMachineResponse`. A missing patch means "this object needs nothing from me"; answering
+    /// `Success` with no patch for a changed object declines the in-place update.
+    CanUpdateMachineResponse, Hook::CanUpdateMachine, {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub machine_patch: Option<Patch>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub infrastructure_machine_patch: Option<Patch>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub bootstrap_config_patch: Option<Patch>,
+    }
+);
+
+response_type!(
+    /// `CanUpdateMachineSetResponse`.
+    CanUpdateMachineSetResponse, Hook::CanUpdateMachineSet, {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub machine_set_patch: Option<Patch>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub infrastructure_machine_template_patch: Option<Patch>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub bootstrap_config_template_patch: Option<Patch>,
+    }
+);
+
+response_type!(
+    /// `UpdateMachineResponse`: `Success` + `retryAfterSeconds > 0` is "in progress", `Success` + 0 is
+    /// "done", `Failure` is "failed" (CAPI retries it with backoff).
+    UpdateMachineResponse, Hook::UpdateMachine, {
+        #[serde(default)]
+        pub retry_after_seconds: i32,
+    }
+);
+
+/// Typed reads of the arbitrary JSON objects inside requests.
+pub mod object {
+    use serde_json::Value;
+
+    /// The value at `path` (object keys), if every step exists.
+    pub fn get<'a>(object: &'a Value, path: &[&str]) -> Option<&'a Value> {
+        path.iter().try_fold(object, |value, key| value.get(key))
+    }
+
+    /// The string at `path`, if it exists and is a string.
+    pub fn get_str<'a>(object: &'a Value, path: &[&str]) -> Option<&'a str> {
+        get(object, path).and_then(Value::as_str)
+    }
+
+    /// `kind`, or `""`.
+    pub fn kind(object: &Value) -> &str {
+        get_str(object, &["kind"]).unwrap_or_default()
+    }
+
+    /// The API group of `apiVersion` (the part before `/`), or `""`.
+    pub fn api_group(object: &Value) -> &str {
+        let api_version = get_str(object, &["apiVersion"]).unwrap_or_default();
+        api_version
+            .split_once('/')
+            .map(|(group, _)| group)
+            .unwrap_or_default()
+    }
+
+    /// `metadata.namespace/metadata.name`, for logs.
+    pub fn namespaced_name(object: &Value) -> String {
+        format!(
+            "{}/{}",
+            get_str(object, &["metadata", "namespace"]).unwrap_or_default(),
+            get_str(object, &["metadata", "name"]).unwrap_or_default()
+        )
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decodes_leniently() {
+        let request: CanUpdateMachineRequest = serde_json::from_value(json!({
+            "apiVersion": API_VERSION,
+            "kind": "CanUpdateMachineRequest",
+            "settings": {"disableInPlaceUpdates": "true", "empty": null},
+            "unknownField": {"x": 1},
+            "current": {"machine": {"spec": {"version": "v1.33.6"}}, "bootstrapConfig": null},
+            "desired": null,
+        }))
+        .unwrap();
+        assert_eq!(request.settings["disableInPlaceUpdates"], "true");
+        assert_eq!(request.settings["empty"], "");
+        assert!(request.current.machine.is_some());
+        assert!(request.current.bootstrap_config.is_none());
+        assert!(request.current.infrastructure_machine.is_none());
+        assert!(request.desired.machine.is_none());
+
+        let empty: UpdateMachineRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.kind, "");
+        let nulls: UpdateMachineRequest =
+            serde_json::from_str(r#"{"apiVersion":null,"kind":null,"settings":null}"#).unwrap();
+        assert!(nulls.settings.is_empty());
+    }
+
+    #[test]
+    fn update_machine_response_always_has_retry_after_seconds() {
+        let response = UpdateMachineResponse::new(ResponseStatus::Success, "");
+        assert_eq!(
+            serde_json::to_value(&response).unwrap(),
+            json!({
+                "apiVersion": API_VERSION,
+                "kind": "UpdateMachineResponse",
+                "status": "Success",
+                "retryAfterSeconds": 0,
+            })
+        );
+    }
+
+    #[test]
+    fn patch_is_base64_on_the_wire() {
+        let mut response = CanUpdateMachineResponse::new(ResponseStatus::Success, "ok");
+        response.machine_patch = Some(Patch::json_patch(&[json!(
+            {"op": "replace", "path": "/spec/version", "value": "v1.34.2"}
+        )]));
+        let wire = serde_json::to_value(&response).unwrap();
+        // The exact bytes of the upstream example (reference §6.2).
+        assert_eq!(
+            wire["machinePatch"],
+            json!({
+                "patchType": "JSONPatch",
+                "patch": "W3sib3AiOiJyZXBsYWNlIiwicGF0aCI6Ii9zcGVjL3ZlcnNpb24iLCJ2YWx1ZSI6InYxLjM0LjIifV0=",
+            })
+        );
+        assert!(wire.get("infrastructureMachinePatch").is_none());
+        let back: CanUpdateMachineResponse = serde_json::from_value(wire).unwrap();
+        assert_eq!(back, response);
+    }
+
+    #[test]
+    fn failure_echoes_type_meta() {
+        let response = CanUpdateMachineSetResponse::failure("bad body");
+        assert_eq!(
+            serde_json::to_value(&response).unwrap(),
+            json!({
+                "apiVersion": API_VERSION,
+                "kind": "CanUpdateMachineSetResponse",
+                "status": "Failure",
+                "message": "bad body",
+            })
+        );
+    }
+
+    #[test]
+    fn object_accessors() {
+        let machine = json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta2",
+            "kind": "DockerMachine",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"customImage": "kindest/node:v1.34.2"},
+        });
+        assert_eq!(object::kind(&machine), "DockerMachine");
+        assert_eq!(
+            object::api_group(&machine),
+            "infrastructure.cluster.x-k8s.io"
+        );
+        assert_eq!(
+            object::get_str(&machine, &["spec", "customImage"]),
+            Some("kindest/node:v1.34.2")
+        );
+        assert_eq!(object::get_str(&machine, &["spec", "missing"]), None);
+        assert_eq!(object::namespaced_name(&machine), "ns/m");
+    }
+}

@@ -1,0 +1,179 @@
+//! The HTTPS server itself: empty bodies on every route, certificate reload, mutual TLS, health
+//! probes and graceful shutdown. Everything binds 127.0.0.1:0.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use capd_inplace::hooks::server;
+use serde_json::Value;
+
+#[tokio::test]
+async fn empty_body_on_every_route_is_a_200_failure_with_the_right_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = common::write_certificate(dir.path());
+    let server = common::TestServer::start(common::config(dir.path())).await;
+    let client = common::client(&certificate.ca_pem, None);
+    for (route, kind) in [
+        ("discovery", "DiscoveryResponse"),
+        (
+            "canupdatemachine/can-update-machine",
+            "CanUpdateMachineResponse",
+        ),
+        (
+            "canupdatemachineset/can-update-machineset",
+            "CanUpdateMachineSetResponse",
+        ),
+        ("updatemachine/update-machine", "UpdateMachineResponse"),
+    ] {
+        let response = client
+            .post(server.url(&format!("{}/{route}", common::BASE)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{route}");
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["kind"], kind, "{route}");
+        assert_eq!(body["status"], "Failure", "{route}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rotated_certificate_is_served_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = common::write_certificate(dir.path());
+    let server = common::TestServer::start(common::config(dir.path())).await;
+    let discovery = server.url(&format!("{}/discovery", common::BASE));
+    let body =
+        r#"{"apiVersion":"hooks.runtime.cluster.x-k8s.io/v1alpha1","kind":"DiscoveryRequest"}"#;
+    let old_client = common::client(&first.ca_pem, None);
+    assert_eq!(
+        old_client
+            .post(&discovery)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let second = common::write_certificate(dir.path());
+    // New connections must see the new certificate within a few reload intervals (100 ms each).
+    let new_client = common::client(&second.ca_pem, None);
+    let mut served = false;
+    for _ in 0..50 {
+        if new_client.post(&discovery).body(body).send().await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the rotated certificate was never served");
+    // A client trusting only the old CA is now refused (fresh client, so no pooled connection).
+    let fresh_old_client = common::client(&first.ca_pem, None);
+    assert!(
+        fresh_old_client
+            .post(&discovery)
+            .body(body)
+            .send()
+            .await
+            .is_err()
+    );
+
+    // A broken file is ignored: the current certificate stays.
+    std::fs::write(dir.path().join(server::CERT_FILE), "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let another_client = common::client(&second.ca_pem, None);
+    assert_eq!(
+        another_client
+            .post(&discovery)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_ca_requires_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let serving = common::write_certificate(dir.path());
+    let client_identity = client_certificate();
+    let ca_path = dir.path().join("client-ca.crt");
+    std::fs::write(&ca_path, &client_identity.ca_pem).unwrap();
+    let mut config = common::config(dir.path());
+    config.client_ca = Some(ca_path);
+    let server = common::TestServer::start(config).await;
+    let url = server.url(&format!("{}/discovery", common::BASE));
+
+    let anonymous = common::client(&serving.ca_pem, None);
+    assert!(anonymous.post(&url).body("{}").send().await.is_err());
+    let authenticated = common::client(&serving.ca_pem, Some(&client_identity));
+    let response = authenticated.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    server.stop().await.unwrap();
+}
+
+/// A CA and a client certificate it signed, with the clientAuth usage mutual TLS requires.
+fn client_certificate() -> server::GeneratedCertificate {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test client CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "capi-controller-manager");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    server::GeneratedCertificate {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+#[tokio::test]
+async fn health_probes_and_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = common::write_certificate(dir.path());
+    let server = common::TestServer::start(common::config(dir.path())).await;
+    let health = server.health.unwrap();
+    // Health probes are plain HTTP; this client's TLS settings are simply unused.
+    let plain = common::client(&certificate.ca_pem, None);
+    for probe in ["healthz", "readyz"] {
+        let response = plain
+            .get(format!("http://{health}/{probe}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{probe}");
+    }
+    let hooks_url = server.url(&format!("{}/discovery", common::BASE));
+    server.stop().await.unwrap();
+    // After shutdown nothing listens any more.
+    let client = common::client(&certificate.ca_pem, None);
+    assert!(client.post(&hooks_url).body("{}").send().await.is_err());
+    assert!(
+        plain
+            .get(format!("http://{health}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+}
