@@ -40,9 +40,10 @@ fn describe(progress: &Progress) -> String {
 fn bars() -> ProgressFn {
     let multi = MultiProgress::new();
     let bars: Mutex<HashMap<String, ProgressBar>> = Mutex::default();
-    let style = ProgressStyle::with_template("{prefix:>24.bold} [{bar:20.cyan/blue}] {pos:>2}/{len} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>24.bold} [{bar:20.cyan/blue}] {pos:>2}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     Arc::new(move |node: &str, progress: &Progress| {
         let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
         let bar = bars.entry(node.to_string()).or_insert_with(|| {
@@ -75,7 +76,9 @@ pub fn print_results(results: &[NodeResult], output: Output) -> anyhow::Result<(
                         NodeOutcome::Upgraded => "upgraded".to_string(),
                         NodeOutcome::Failed { message } => format!("FAILED: {message}"),
                         NodeOutcome::Skipped => "skipped (a control-plane node failed)".to_string(),
-                        NodeOutcome::WouldUpgrade { mode, from } => format!("would run {mode} (from {from})"),
+                        NodeOutcome::WouldUpgrade { mode, from } => {
+                            format!("would run {mode} (from {from})")
+                        }
                     };
                     vec![r.node.clone(), role(r.role).to_string(), outcome]
                 })
@@ -91,7 +94,9 @@ pub fn print_status(reports: &[NodeReport], output: Output) -> anyhow::Result<()
         Output::Json => println!("{}", serde_json::to_string_pretty(reports)?),
         Output::Text => {
             let unknown = || "?".to_string();
-            let yes_no = |b: Option<bool>| b.map_or_else(unknown, |b| if b { "yes" } else { "no" }.to_string());
+            let yes_no = |b: Option<bool>| {
+                b.map_or_else(unknown, |b| if b { "yes" } else { "no" }.to_string())
+            };
             let rows: Vec<Vec<String>> = reports
                 .iter()
                 .map(|r| {
@@ -105,7 +110,9 @@ pub fn print_status(reports: &[NodeReport], output: Output) -> anyhow::Result<()
                         r.upgrade.as_ref().map_or_else(
                             || "-".to_string(),
                             |u| match &u.last_error {
-                                Some(error) => format!("{}: {} (last error: {error})", u.target, u.step),
+                                Some(error) => {
+                                    format!("{}: {} (last error: {error})", u.target, u.step)
+                                }
                                 None => format!("{}: {}", u.target, u.step),
                             },
                         ),
@@ -114,7 +121,12 @@ pub fn print_status(reports: &[NodeReport], output: Output) -> anyhow::Result<()
                 .collect();
             print!(
                 "{}",
-                table(&["NODE", "ROLE", "KUBELET", "KUBEADM", "READY", "CORDONED", "UPGRADE"], &rows)
+                table(
+                    &[
+                        "NODE", "ROLE", "KUBELET", "KUBEADM", "READY", "CORDONED", "UPGRADE"
+                    ],
+                    &rows
+                )
             );
         }
     }
@@ -163,8 +175,14 @@ mod tests {
     fn tables_align_like_kubectl() {
         let out = table(
             &["NODE", "ROLE"],
-            &[vec!["demo-cp-0".into(), "control-plane".into()], vec!["w".into(), "worker".into()]],
+            &[
+                vec!["demo-cp-0".into(), "control-plane".into()],
+                vec!["w".into(), "worker".into()],
+            ],
         );
-        assert_eq!(out, "NODE       ROLE\ndemo-cp-0  control-plane\nw          worker\n");
+        assert_eq!(
+            out,
+            "NODE       ROLE\ndemo-cp-0  control-plane\nw          worker\n"
+        );
     }
 }

@@ -1,5 +1,8 @@
-//! The `capd-inplace` command line: `serve` runs the Runtime Extension, `version` prints the version.
+//! The `capd-inplace` command line: `serve` runs the Runtime Extension; `upgrade` and `status`
+//! work on a CAPD or kind cluster directly; `version` prints the version.
 //! Startup only: install the rustls crypto provider, parse the arguments, start logging, dispatch.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,10 +11,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use capd_inplace::artifacts::{ArtifactCaches, ArtifactSource, DEFAULT_ARTIFACT_URL, FetchConfig};
 use capd_inplace::hooks::router::AppState;
 use capd_inplace::hooks::server::{self, ServeConfig};
-use capd_inplace::hooks::update_machine::NotImplemented;
-use capd_inplace::telemetry::{self, LogFormat};
+use capd_inplace::hooks::update_machine::EngineHandler;
+use capd_inplace::node::Docker;
+use capd_inplace::telemetry::metrics::{Metrics, metrics_router};
+use capd_inplace::telemetry::{self, EventSink, LogFormat};
+use capd_inplace::upgrade::{Engine, Options, Source, Timeouts, cluster};
+use capd_inplace::version::KubeVersion;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,8 +46,84 @@ struct Cli {
 enum Command {
     /// Serve the Runtime Extension hooks over HTTPS.
     Serve(ServeArgs),
+    /// Upgrade every node of a CAPD or kind cluster in place: control planes one at a time, then workers.
+    Upgrade(UpgradeArgs),
+    /// Show each node's versions, state and upgrade progress.
+    Status(StatusArgs),
     /// Print the version.
     Version,
+}
+
+/// Where binaries come from, shared by `serve` and `upgrade`.
+#[derive(Debug, Args)]
+struct ArtifactArgs {
+    /// Base URL laid out like https://dl.k8s.io/release (https, http or file://).
+    #[arg(long, env = "CAPD_INPLACE_ARTIFACT_URL", default_value = DEFAULT_ARTIFACT_URL)]
+    artifact_url: String,
+
+    /// Directory of the verified binary cache.
+    #[arg(long, env = "CAPD_INPLACE_ARTIFACT_CACHE_DIR")]
+    artifact_cache_dir: Option<PathBuf>,
+}
+
+impl ArtifactArgs {
+    async fn open(&self, default_dir: PathBuf) -> anyhow::Result<ArtifactCaches> {
+        let source = ArtifactSource::parse(&self.artifact_url)?;
+        let dir = self.artifact_cache_dir.clone().unwrap_or(default_dir);
+        Ok(ArtifactCaches::open(dir, source, FetchConfig::default()).await?)
+    }
+}
+
+#[derive(Debug, Args)]
+struct UpgradeArgs {
+    /// The cluster: the value of the io.x-k8s.kind.cluster label on its node containers.
+    #[arg(long)]
+    cluster: String,
+
+    /// Target Kubernetes version, vMAJOR.MINOR.PATCH.
+    #[arg(long)]
+    to: String,
+
+    /// How many workers to upgrade at once (after every control-plane node).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers_parallel: u64,
+
+    /// Run the preflight checks and show the plan; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Do not cordon and drain nodes before replacing their kubelet.
+    #[arg(long)]
+    no_drain: bool,
+
+    /// Seconds `kubectl drain` may take.
+    #[arg(long, default_value_t = 300)]
+    drain_timeout_seconds: u64,
+
+    /// Nodes download the binaries themselves with curl from --artifact-url (which they must reach).
+    #[arg(long)]
+    fetch_in_node: bool,
+
+    /// Minor versions a worker may cross in one upgrade (1 to 3).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3))]
+    worker_max_minor_skew: u64,
+
+    #[command(flatten)]
+    artifacts: ArtifactArgs,
+
+    /// Result format on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    output: cli::Output,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The cluster: the value of the io.x-k8s.kind.cluster label on its node containers.
+    #[arg(long)]
+    cluster: String,
+
+    #[arg(long, value_enum, default_value = "text")]
+    output: cli::Output,
 }
 
 #[derive(Debug, Args)]
@@ -80,7 +164,22 @@ struct ServeArgs {
     #[arg(long, env = "CAPD_INPLACE_CERT_RELOAD_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     cert_reload_seconds: u64,
 
-    /// Seconds in-flight calls may take after SIGTERM.
+    /// Address of the plain-HTTP /metrics server (Prometheus); 0 disables it.
+    #[arg(
+        long,
+        env = "CAPD_INPLACE_METRICS_BIND_ADDRESS",
+        default_value = ":8080"
+    )]
+    metrics_bind_address: String,
+
+    /// Node upgrades run at once; more wait in a queue.
+    #[arg(long, env = "CAPD_INPLACE_MAX_CONCURRENT_UPGRADES", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    max_concurrent_upgrades: u64,
+
+    #[command(flatten)]
+    artifacts: ArtifactArgs,
+
+    /// Seconds in-flight calls and upgrade steps may take after SIGTERM.
     #[arg(long, env = "CAPD_INPLACE_SHUTDOWN_GRACE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
     shutdown_grace_seconds: u64,
 }
@@ -97,11 +196,80 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             telemetry::init(cli.log_format)?;
-            tokio::runtime::Runtime::new()
-                .context("cannot start the async runtime")?
-                .block_on(serve(args))
+            runtime()?.block_on(serve(args))
+        }
+        Command::Upgrade(args) => {
+            telemetry::init(cli.log_format)?;
+            runtime()?.block_on(upgrade(args))
+        }
+        Command::Status(args) => {
+            telemetry::init(cli.log_format)?;
+            runtime()?.block_on(status(args))
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")
+}
+
+/// The CLI's cache lives with the user's other caches, apart from a server's.
+fn user_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("capd-inplace")
+}
+
+async fn upgrade(args: UpgradeArgs) -> anyhow::Result<()> {
+    let version =
+        KubeVersion::parse(&args.to).context("--to must be a vMAJOR.MINOR.PATCH version")?;
+    let source = if args.fetch_in_node {
+        Source::FetchInNode {
+            base_url: args.artifacts.artifact_url.clone(),
+        }
+    } else {
+        Source::Upload(
+            args.artifacts
+                .open(user_cache_dir())
+                .await?
+                .get(None)
+                .await?,
+        )
+    };
+    let mut options = Options::new(source);
+    options.drain = !args.no_drain;
+    options.drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
+    options.policy.worker_max_minor_step = args.worker_max_minor_skew;
+    let engine = Engine::new(Docker::connect().await?, Timeouts::default());
+    let results = cluster::upgrade(
+        &engine,
+        &args.cluster,
+        version,
+        &options,
+        usize::try_from(args.workers_parallel).unwrap_or(1),
+        args.dry_run,
+        cli::progress_reporter(),
+    )
+    .await?;
+    cli::print_results(&results, args.output)?;
+    let failed = results
+        .iter()
+        .filter(|r| r.outcome.is_failure() || matches!(r.outcome, cluster::NodeOutcome::Skipped))
+        .count();
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} nodes did not reach {version}; run the same command again to resume",
+            results.len()
+        );
+    }
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let reports = cluster::status(&Docker::connect().await?, &args.cluster).await?;
+    cli::print_status(&reports, args.output)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -126,8 +294,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         reload_interval: Duration::from_secs(args.cert_reload_seconds),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
     };
-    let state = AppState::new(Arc::new(NotImplemented));
+    let grace = config.shutdown_grace;
+    let metrics = Metrics::new();
+    let caches = args
+        .artifacts
+        .open(PathBuf::from("/var/cache/capd-inplace"))
+        .await?;
+    let engine = Engine::new(Docker::connect().await?, Timeouts::default());
+    let handler = Arc::new(EngineHandler::new(
+        engine,
+        caches,
+        metrics.clone(),
+        EventSink::from_environment(),
+        usize::try_from(args.max_concurrent_upgrades).unwrap_or(10),
+    ));
+    let metrics_server = match server::parse_optional_bind_address(&args.metrics_bind_address)? {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for /metrics on {address}"))?;
+            tracing::info!(%address, "serving /metrics");
+            let metrics_for_server = metrics.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, metrics_router(metrics_for_server)).await
+            }))
+        }
+        None => None,
+    };
+    let state = AppState::new(handler.clone(), metrics.clone());
     let running = server::start(config, state).await?;
     running.run_until(server::shutdown_signal()).await?;
+    // Upgrades run in the background; give running steps the grace period, then stop. Whatever
+    // is cut short resumes from the node's journal on the next UpdateMachine call.
+    let deadline = tokio::time::Instant::now() + grace;
+    while handler.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     Ok(())
 }

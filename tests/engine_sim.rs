@@ -1,6 +1,8 @@
 //! The upgrade engine against simulated CAPD clusters: real systemd containers, the real Docker
 //! Engine API, the stand-in kubeadm/kubelet/kubectl and a real artifact mirror.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 struct Fixture {
     cluster: SimCluster,
     engine: Engine,
+    options: Options,
     _cache: tempfile::TempDir,
 }
 
@@ -35,7 +38,8 @@ async fn fixture(name: &str, control_planes: usize, workers: usize, version: &st
     };
     Fixture {
         cluster,
-        engine: Engine::new(docker, artifacts, timeouts),
+        engine: Engine::new(docker, timeouts),
+        options: Options::new(Source::Upload(artifacts)),
         _cache: cache,
     }
 }
@@ -168,7 +172,7 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
         &f.engine,
         f.cluster.name(),
         "v1.32.3".parse().unwrap(),
-        &Options::default(),
+        &f.options,
         2,
         false,
         record,
@@ -198,7 +202,7 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
         );
     }
     // Every step was reported, in order, for each node.
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     for node in [&cp, &worker] {
         let steps: Vec<Step> = seen
             .iter()
@@ -215,7 +219,7 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
     let (tx, _rx) = watch::channel(Progress::Queued);
     let again = f
         .engine
-        .upgrade(&target(&f, &worker, "v1.32.3"), &Options::default(), &tx)
+        .upgrade(&target(&f, &worker, "v1.32.3"), &f.options, &tx)
         .await
         .unwrap();
     assert_eq!(again, Outcome::AlreadyAtTarget);
@@ -226,12 +230,9 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
 async fn patch_upgrade_with_binaries_fetched_inside_the_node() {
     let f = fixture("eng-patch", 1, 0, "v1.31.4").await;
     let cp = f.cluster.control_plane().name.clone();
-    let options = Options {
-        source: Source::FetchInNode {
-            base_url: f.cluster.mirror().network_url.clone(),
-        },
-        ..Options::default()
-    };
+    let options = Options::new(Source::FetchInNode {
+        base_url: f.cluster.mirror().network_url.clone(),
+    });
     let (tx, _rx) = watch::channel(Progress::Queued);
     let outcome = f
         .engine
@@ -259,7 +260,7 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
     let (tx, _rx) = watch::channel(Progress::Queued);
     let error = f
         .engine
-        .upgrade(&target(&f, &cp, "v1.32.3"), &Options::default(), &tx)
+        .upgrade(&target(&f, &cp, "v1.32.3"), &f.options, &tx)
         .await
         .unwrap_err();
     assert_eq!(error.step, Step::KubeadmUpgrade);
@@ -291,7 +292,7 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
 
     let outcome = f
         .engine
-        .upgrade(&target(&f, &cp, "v1.32.3"), &Options::default(), &tx)
+        .upgrade(&target(&f, &cp, "v1.32.3"), &f.options, &tx)
         .await
         .unwrap();
     assert_eq!(outcome, Outcome::Upgraded);

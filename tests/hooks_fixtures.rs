@@ -6,12 +6,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use axum::body::Body;
-use capd_inplace::hooks::router::{AppState, router};
+use capd_inplace::hooks::router::router;
 use capd_inplace::hooks::types::API_VERSION;
-use capd_inplace::hooks::update_machine::NotImplemented;
 use capd_inplace_e2e::capi;
 use serde::Deserialize;
 use serde_json::Value;
@@ -108,7 +106,8 @@ fn check(case: &Case, body: &[u8], response: &Value) {
 
 #[tokio::test]
 async fn fixtures_in_process() {
-    let app = router(AppState::new(Arc::new(NotImplemented)), "");
+    let dir = tempfile::tempdir().unwrap();
+    let app = router(common::engine_state(dir.path()).await, "");
     for (case, body) in cases() {
         let request =
             axum::http::Request::post(format!("{}/{}?timeout=10s", common::BASE, case.route))

@@ -23,6 +23,7 @@
 //! a cache damaged or altered since it was written; later uses trust the size and the address.
 
 mod cache;
+mod caches;
 mod fetch;
 mod source;
 
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cache::{ArtifactCache, CacheStats, CachedArtifact, KubeBinaries};
+pub use caches::ArtifactCaches;
 pub use fetch::FetchConfig;
 pub use source::{Arch, ArtifactId, ArtifactSource, Binary, DEFAULT_ARTIFACT_URL};
 

@@ -115,7 +115,7 @@ impl ReleaseVersion {
         Ok(ReleaseVersion(input.to_owned()))
     }
 
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 }

@@ -27,6 +27,7 @@ use super::types::{
     HookResponse, ResponseStatus, UpdateMachineRequest, object,
 };
 use super::update_machine::UpdateMachineHandler;
+use crate::telemetry::metrics::{HookResult, Metrics, Outcome};
 
 /// Largest request body read, as upstream's `maxExtensionRequestBodyBytes`.
 pub const MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
@@ -39,12 +40,16 @@ pub const HANDLER_TIMEOUT_SECONDS: i32 = 10;
 #[derive(Clone)]
 pub struct AppState {
     pub update_machine: Arc<dyn UpdateMachineHandler>,
+    pub metrics: Metrics,
 }
 
 impl AppState {
     /// State with the given UpdateMachine implementation.
-    pub fn new(update_machine: Arc<dyn UpdateMachineHandler>) -> Self {
-        Self { update_machine }
+    pub fn new(update_machine: Arc<dyn UpdateMachineHandler>, metrics: Metrics) -> Self {
+        Self {
+            update_machine,
+            metrics,
+        }
     }
 }
 
@@ -61,61 +66,83 @@ fn handlers() -> Vec<Handler> {
         Handler {
             hook: Hook::CanUpdateMachine,
             name: "can-update-machine",
-            route: post(|body: Body| {
-                serve(body, |request: CanUpdateMachineRequest| async move {
-                    let response = can_update_machine(&request);
-                    log_decision(
-                        Hook::CanUpdateMachine,
-                        request.current.machine.as_ref(),
-                        &response.message,
-                        response.machine_patch.is_some()
-                            || response.infrastructure_machine_patch.is_some()
-                            || response.bootstrap_config_patch.is_some(),
-                    );
-                    response
-                })
+            route: post(|State(state): State<AppState>, body: Body| {
+                serve(
+                    state.metrics.clone(),
+                    body,
+                    move |request: CanUpdateMachineRequest| async move {
+                        let response = can_update_machine(&request);
+                        log_decision(
+                            &state.metrics,
+                            Hook::CanUpdateMachine,
+                            request.current.machine.as_ref(),
+                            &response.message,
+                            response.machine_patch.is_some()
+                                || response.infrastructure_machine_patch.is_some()
+                                || response.bootstrap_config_patch.is_some(),
+                        );
+                        response
+                    },
+                )
             }),
         },
         Handler {
             hook: Hook::CanUpdateMachineSet,
             name: "can-update-machineset",
-            route: post(|body: Body| {
-                serve(body, |request: CanUpdateMachineSetRequest| async move {
-                    let response = can_update_machine_set(&request);
-                    log_decision(
-                        Hook::CanUpdateMachineSet,
-                        request.current.machine_set.as_ref(),
-                        &response.message,
-                        response.machine_set_patch.is_some()
-                            || response.infrastructure_machine_template_patch.is_some()
-                            || response.bootstrap_config_template_patch.is_some(),
-                    );
-                    response
-                })
+            route: post(|State(state): State<AppState>, body: Body| {
+                serve(
+                    state.metrics.clone(),
+                    body,
+                    move |request: CanUpdateMachineSetRequest| async move {
+                        let response = can_update_machine_set(&request);
+                        log_decision(
+                            &state.metrics,
+                            Hook::CanUpdateMachineSet,
+                            request.current.machine_set.as_ref(),
+                            &response.message,
+                            response.machine_set_patch.is_some()
+                                || response.infrastructure_machine_template_patch.is_some()
+                                || response.bootstrap_config_template_patch.is_some(),
+                        );
+                        response
+                    },
+                )
             }),
         },
         Handler {
             hook: Hook::UpdateMachine,
             name: "update-machine",
             route: post(|State(state): State<AppState>, body: Body| {
-                serve(body, move |request: UpdateMachineRequest| async move {
-                    let machine = request
-                        .desired
-                        .machine
-                        .as_ref()
-                        .map(object::namespaced_name)
-                        .unwrap_or_default();
-                    let response = state.update_machine.update_machine(request).await;
-                    info!(
-                        hook = Hook::UpdateMachine.name(),
-                        machine,
-                        status = ?response.status,
-                        retry_after_seconds = response.retry_after_seconds,
-                        message = response.message,
-                        "answered"
-                    );
-                    response
-                })
+                serve(
+                    state.metrics.clone(),
+                    body,
+                    move |request: UpdateMachineRequest| async move {
+                        let machine = request
+                            .desired
+                            .machine
+                            .as_ref()
+                            .map(object::namespaced_name)
+                            .unwrap_or_default();
+                        let response = state.update_machine.update_machine(request).await;
+                        state.metrics.hook_request(
+                            Hook::UpdateMachine,
+                            match (response.status, response.retry_after_seconds) {
+                                (ResponseStatus::Failure, _) => HookResult::Failure,
+                                (ResponseStatus::Success, 0) => HookResult::Done,
+                                (ResponseStatus::Success, _) => HookResult::InProgress,
+                            },
+                        );
+                        info!(
+                            hook = Hook::UpdateMachine.name(),
+                            machine,
+                            status = ?response.status,
+                            retry_after_seconds = response.retry_after_seconds,
+                            message = response.message,
+                            "answered"
+                        );
+                        response
+                    },
+                )
             }),
         },
     ]
@@ -165,11 +192,18 @@ pub fn router(state: AppState, path_prefix: &str) -> Router {
     let discovery = Arc::new(discovery_response(&handlers));
     let mut router = Router::new().route(
         &hook_path(path_prefix, Hook::Discovery, None),
-        post(move |body: Body| {
+        post(move |State(state): State<AppState>, body: Body| {
             let discovery = Arc::clone(&discovery);
-            serve(body, move |_: DiscoveryRequest| async move {
-                DiscoveryResponse::clone(&discovery)
-            })
+            serve(
+                state.metrics.clone(),
+                body,
+                move |_: DiscoveryRequest| async move {
+                    state
+                        .metrics
+                        .hook_request(Hook::Discovery, HookResult::Success);
+                    DiscoveryResponse::clone(&discovery)
+                },
+            )
         }),
     );
     for handler in handlers {
@@ -192,7 +226,11 @@ pub fn router(state: AppState, path_prefix: &str) -> Router {
 }
 
 /// Reads, decodes and checks the body, then answers with `answer`, or with a `Failure` saying why not.
-async fn serve<Request, Response, Answer, Fut>(body: Body, answer: Answer) -> Json<Response>
+async fn serve<Request, Response, Answer, Fut>(
+    metrics: Metrics,
+    body: Body,
+    answer: Answer,
+) -> Json<Response>
 where
     Request: HookRequest,
     Response: HookResponse,
@@ -203,6 +241,7 @@ where
         Ok(request) => Json(answer(request).await),
         Err(message) => {
             warn!(hook = Request::HOOK.name(), message, "rejected request");
+            metrics.hook_request(Request::HOOK, HookResult::Failure);
             Json(Response::failure(message))
         }
     }
@@ -231,7 +270,20 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
     Ok(request)
 }
 
-fn log_decision(hook: Hook, owner: Option<&serde_json::Value>, message: &str, patched: bool) {
+fn log_decision(
+    metrics: &Metrics,
+    hook: Hook,
+    owner: Option<&serde_json::Value>,
+    message: &str,
+    patched: bool,
+) {
+    metrics.hook_request(hook, HookResult::Success);
+    let (outcome, reason) = if patched {
+        (Outcome::InPlace, "version_change")
+    } else {
+        (Outcome::Declined, decline_reason(message))
+    };
+    metrics.decision(hook, outcome, reason);
     info!(
         hook = hook.name(),
         object = owner.map(object::namespaced_name).unwrap_or_default(),
@@ -241,16 +293,48 @@ fn log_decision(hook: Hook, owner: Option<&serde_json::Value>, message: &str, pa
     );
 }
 
+/// A closed set of metric labels for the decline messages of [`super::can_update`], so the
+/// decisions metric says why without carrying free text.
+fn decline_reason(message: &str) -> &'static str {
+    if message.contains("disableInPlaceUpdates") || message.starts_with("invalid setting") {
+        "settings"
+    } else if message.contains("downgrade") {
+        "downgrade"
+    } else if message.contains("minor version") {
+        "skips_minor"
+    } else if message.contains("version") && message.contains("not") {
+        "invalid_version"
+    } else if message.starts_with("request has no") || message.contains("kind") {
+        "unsupported_object"
+    } else {
+        "not_version_change"
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
-    use crate::hooks::update_machine::{NOT_IMPLEMENTED_MESSAGE, NotImplemented};
+    use crate::hooks::types::UpdateMachineResponse;
+    use futures::future::BoxFuture;
+
+    /// Answers every UpdateMachine with the same in-progress response, to test the seam.
+    struct Fixed;
+
+    const FIXED_MESSAGE: &str = "step 4/10: kubeadm upgrade";
+
+    impl UpdateMachineHandler for Fixed {
+        fn update_machine(&self, _: UpdateMachineRequest) -> BoxFuture<'_, UpdateMachineResponse> {
+            let mut response = UpdateMachineResponse::new(ResponseStatus::Success, FIXED_MESSAGE);
+            response.retry_after_seconds = 10;
+            Box::pin(std::future::ready(response))
+        }
+    }
     use axum::http::Request;
     use serde_json::{Value, json};
     use tower::ServiceExt;
 
     fn app(prefix: &str) -> Router {
-        router(AppState::new(Arc::new(NotImplemented)), prefix)
+        router(AppState::new(Arc::new(Fixed), Metrics::new()), prefix)
     }
 
     async fn call(app: Router, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
@@ -403,11 +487,46 @@ mod test {
             json!({
                 "apiVersion": API_VERSION,
                 "kind": "UpdateMachineResponse",
-                "status": "Failure",
-                "message": NOT_IMPLEMENTED_MESSAGE,
-                "retryAfterSeconds": 0,
+                "status": "Success",
+                "message": FIXED_MESSAGE,
+                "retryAfterSeconds": 10,
             })
         );
+    }
+
+    #[tokio::test]
+    async fn metrics_count_calls_and_decisions() {
+        let metrics = Metrics::new();
+        let app = router(AppState::new(Arc::new(Fixed), metrics.clone()), "");
+        call(app.clone(), &format!("{BASE}/discovery"), "{}").await;
+        call(
+            app.clone(),
+            &format!("{BASE}/updatemachine/update-machine"),
+            "{}",
+        )
+        .await;
+        call(
+            app.clone(),
+            &format!("{BASE}/canupdatemachine/can-update-machine"),
+            "garbage",
+        )
+        .await;
+        call(
+            app,
+            &format!("{BASE}/canupdatemachine/can-update-machine"),
+            r#"{"settings":{"disableInPlaceUpdates":"true"}}"#,
+        )
+        .await;
+        let text = metrics.encode();
+        for line in [
+            r#"capd_inplace_hook_requests_total{hook="discovery",result="success"} 1"#,
+            r#"capd_inplace_hook_requests_total{hook="update-machine",result="in-progress"} 1"#,
+            r#"capd_inplace_hook_requests_total{hook="can-update-machine",result="failure"} 1"#,
+            r#"capd_inplace_hook_requests_total{hook="can-update-machine",result="success"} 1"#,
+            r#"capd_inplace_decisions_total{hook="can-update-machine",outcome="declined",reason="settings"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 
     #[tokio::test]

@@ -4,6 +4,10 @@
 //! |---|---|---|
 //! | `disableInPlaceUpdates` | `"true"` / `"false"` (`"false"`) | `"true"` declines every CanUpdateMachine and CanUpdateMachineSet call, so CAPI always rolls out new Machines. Same name and meaning as upstream's test extension. |
 //! | `workerMaxMinorSkew` | `"1"` to `"3"` (`"1"`) | How many minor versions a worker (CanUpdateMachineSet) may cross in one in-place update. The kubelet may trail the API server by three minors; control-plane Machines always follow kubeadm's one-minor rule. |
+//! | `drain` | `"true"` / `"false"` (`"true"`) | Cordon and drain the node (through kubectl on a control-plane node) before its kubelet is replaced, and uncordon it after. |
+//! | `drainTimeout` | a Go duration, `1s` to `2h` (`"5m"`) | How long `kubectl drain` may take before the step fails. |
+//! | `artifactURL` | an `https://`, `http://` or `file://` base laid out like `https://dl.k8s.io/release` (the `--artifact-url` flag) | Where kubeadm, kubelet and kubectl and their `.sha256` files come from. |
+//! | `fetchInNode` | `"true"` / `"false"` (`"false"`) | `"true"`: each node downloads the binaries itself with curl from `artifactURL` and checks them against the published sha256, instead of the extension uploading them from its verified cache. |
 //! | `kindImageRepositories` | comma-separated repositories (`"kindest/node,docker.io/kindest/node"`) | Repositories whose `<repo>:<desired version>[@sha256:<digest>]` image counts as the version-coupled kind node image on DockerMachine(Template) `customImage` and DevMachine(Template) `backend.docker.customImage`. Add a mirror here, for example `registry.example:5000/kindest/node`. |
 //!
 //! A setting with a value outside its range makes the call decline (Success, no patches) with a
@@ -11,6 +15,9 @@
 //! Unknown settings are ignored, because the same map goes to every hook of the ExtensionConfig.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::artifacts::ArtifactSource;
 
 /// Name of the setting that declines every in-place update.
 pub const DISABLE_IN_PLACE_UPDATES: &str = "disableInPlaceUpdates";
@@ -18,6 +25,15 @@ pub const DISABLE_IN_PLACE_UPDATES: &str = "disableInPlaceUpdates";
 pub const WORKER_MAX_MINOR_SKEW: &str = "workerMaxMinorSkew";
 /// Name of the kind image repositories setting.
 pub const KIND_IMAGE_REPOSITORIES: &str = "kindImageRepositories";
+/// Name of the drain on/off setting.
+pub const DRAIN: &str = "drain";
+/// Name of the drain timeout setting.
+pub const DRAIN_TIMEOUT: &str = "drainTimeout";
+/// Name of the artifact base URL setting.
+pub const ARTIFACT_URL: &str = "artifactURL";
+/// Name of the fetch-inside-the-node setting.
+pub const FETCH_IN_NODE: &str = "fetchInNode";
+const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 
 /// The repositories kind's own image mapper uses, with and without the implicit registry.
 const DEFAULT_KIND_IMAGE_REPOSITORIES: [&str; 2] = ["kindest/node", "docker.io/kindest/node"];
@@ -45,6 +61,11 @@ pub struct Settings {
     pub disable_in_place_updates: bool,
     pub worker_max_minor_skew: u64,
     pub kind_image_repositories: Vec<String>,
+    pub drain: bool,
+    pub drain_timeout: Duration,
+    /// `None`: the extension's `--artifact-url`.
+    pub artifact_url: Option<ArtifactSource>,
+    pub fetch_in_node: bool,
 }
 
 impl Default for Settings {
@@ -56,6 +77,10 @@ impl Default for Settings {
                 .iter()
                 .map(|repo| (*repo).to_owned())
                 .collect(),
+            drain: true,
+            drain_timeout: Duration::from_secs(300),
+            artifact_url: None,
+            fetch_in_node: false,
         }
     }
 }
@@ -63,18 +88,26 @@ impl Default for Settings {
 impl Settings {
     /// Reads the settings from a request's `settings` map.
     pub fn from_map(map: &BTreeMap<String, String>) -> Result<Self> {
-        let mut settings = Self::default();
-        if let Some(value) = map.get(DISABLE_IN_PLACE_UPDATES) {
-            settings.disable_in_place_updates = match value.trim() {
-                "true" => true,
-                "false" | "" => false,
-                _ => {
-                    return Err(Error::Invalid {
-                        name: DISABLE_IN_PLACE_UPDATES,
-                        expected: "\"true\" or \"false\"",
-                    });
-                }
-            };
+        let mut settings = Self {
+            disable_in_place_updates: boolean(map, DISABLE_IN_PLACE_UPDATES, false)?,
+            drain: boolean(map, DRAIN, true)?,
+            fetch_in_node: boolean(map, FETCH_IN_NODE, false)?,
+            ..Self::default()
+        };
+        if let Some(value) = map.get(DRAIN_TIMEOUT) {
+            settings.drain_timeout = parse_go_duration(value.trim())
+                .filter(|d| (Duration::from_secs(1)..=MAX_DRAIN_TIMEOUT).contains(d))
+                .ok_or(Error::Invalid {
+                    name: DRAIN_TIMEOUT,
+                    expected: "a duration such as 90s or 5m, from 1s to 2h",
+                })?;
+        }
+        if let Some(value) = map.get(ARTIFACT_URL) {
+            let source = ArtifactSource::parse(value.trim()).map_err(|_| Error::Invalid {
+                name: ARTIFACT_URL,
+                expected: "an https://, http:// or file:// base URL laid out like https://dl.k8s.io/release",
+            })?;
+            settings.artifact_url = Some(source);
         }
         if let Some(value) = map.get(WORKER_MAX_MINOR_SKEW) {
             settings.worker_max_minor_skew = value
@@ -114,6 +147,44 @@ impl Settings {
     }
 }
 
+fn boolean(map: &BTreeMap<String, String>, name: &'static str, default: bool) -> Result<bool> {
+    match map.get(name).map(|v| v.trim()) {
+        None | Some("") => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(Error::Invalid {
+            name,
+            expected: "\"true\" or \"false\"",
+        }),
+    }
+}
+
+/// The subset of Go's `time.ParseDuration` that ExtensionConfig settings use: one or more
+/// `<integer><unit>` parts with units `h`, `m`, `s` (as in `5m` or `1h30m`).
+fn parse_go_duration(text: &str) -> Option<Duration> {
+    if text.is_empty() || text.len() > 32 {
+        return None;
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        let value: u64 = digits.parse().ok()?;
+        total = total.checked_add(value.checked_mul(unit)?)?;
+        digits.clear();
+    }
+    digits.is_empty().then(|| Duration::from_secs(total))
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -151,6 +222,31 @@ mod test {
             settings.kind_image_repositories,
             ["kindest/node", "registry.example:5000/kindest/node"]
         );
+        let engine = Settings::from_map(&map(&[
+            (DRAIN, "false"),
+            (DRAIN_TIMEOUT, "1h30m"),
+            (ARTIFACT_URL, "file:///srv/mirror/release"),
+            (FETCH_IN_NODE, "true"),
+        ]))
+        .unwrap();
+        assert!(!engine.drain && engine.fetch_in_node);
+        assert_eq!(engine.drain_timeout, Duration::from_secs(5400));
+        assert_eq!(
+            engine
+                .artifact_url
+                .map(|s| s.as_str().to_string())
+                .as_deref(),
+            Some("file:///srv/mirror/release")
+        );
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
+        for bad in ["", "5", "m", "5d", "1.5m", "-5m", "5m30"] {
+            assert_eq!(parse_go_duration(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -163,6 +259,12 @@ mod test {
             (KIND_IMAGE_REPOSITORIES, ""),
             (KIND_IMAGE_REPOSITORIES, "Kindest/Node"),
             (KIND_IMAGE_REPOSITORIES, "kindest/node;rm"),
+            (DRAIN, "no"),
+            (DRAIN_TIMEOUT, "0s"),
+            (DRAIN_TIMEOUT, "3h"),
+            (ARTIFACT_URL, "ftp://mirror/release"),
+            (ARTIFACT_URL, "https://user:secret@mirror/release"),
+            (FETCH_IN_NODE, "1"),
         ];
         for (name, value) in cases {
             let err = Settings::from_map(&map(&[(name, value)])).unwrap_err();

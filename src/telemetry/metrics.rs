@@ -33,23 +33,15 @@ const STEP_DURATION_BUCKETS: [f64; 14] = [
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
 ];
 
-/// The Runtime Extension hooks, with the handler names CAPI calls them by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Hook {
-    Discovery,
-    CanUpdateMachine,
-    CanUpdateMachineSet,
-    UpdateMachine,
-}
+pub use crate::hooks::types::Hook;
 
-impl Hook {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Hook::Discovery => "discovery",
-            Hook::CanUpdateMachine => "can-update-machine",
-            Hook::CanUpdateMachineSet => "can-update-machineset",
-            Hook::UpdateMachine => "update-machine",
-        }
+/// The metric label of a hook: its handler name, as in the request path.
+fn hook_label(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Discovery => "discovery",
+        Hook::CanUpdateMachine => "can-update-machine",
+        Hook::CanUpdateMachineSet => "can-update-machineset",
+        Hook::UpdateMachine => "update-machine",
     }
 }
 
@@ -240,7 +232,7 @@ impl Metrics {
         self.inner
             .hook_requests
             .get_or_create(&HookLabels {
-                hook: hook.as_str(),
+                hook: hook_label(hook),
                 result: result.as_str(),
             })
             .inc();
@@ -252,7 +244,7 @@ impl Metrics {
         self.inner
             .decisions
             .get_or_create(&DecisionLabels {
-                hook: hook.as_str(),
+                hook: hook_label(hook),
                 outcome: outcome.as_str(),
                 reason,
             })

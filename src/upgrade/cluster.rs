@@ -218,11 +218,11 @@ pub async fn status(docker: &Docker, cluster: &str) -> Result<Vec<NodeReport>, E
             "-o",
             "json",
         ]);
-        if let Ok(json) = exec_ok(cp, get, quick).await {
-            if let Ok(list) = facts::nodes(&json) {
-                node_objects = list;
-                break;
-            }
+        if let Ok(json) = exec_ok(cp, get, quick).await
+            && let Ok(list) = facts::nodes(&json)
+        {
+            node_objects = list;
+            break;
         }
     }
     let mut reports = Vec::with_capacity(nodes.len());

@@ -211,7 +211,14 @@ mod tests {
         let wide = Policy {
             worker_max_minor_step: 3,
         };
-        let cases: Vec<(&str, Facts, &str, Policy, Result<KubeadmMode, &str>)> = vec![
+        type Case = (
+            &'static str,
+            Facts,
+            &'static str,
+            Policy,
+            Result<KubeadmMode, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "first control plane, standalone",
                 facts(ControlPlane, "v1.31.4", "v1.31.4", &["v1.31.4"]),

@@ -37,14 +37,23 @@ const IGNORE_PREFLIGHT_ERRORS: &str =
     "SystemVerification,Swap,FileContent--proc-sys-net-bridge-bridge-nf-call-iptables";
 
 /// Where the new binaries come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Source {
-    /// The extension downloads and verifies them into its cache, then uploads them through the
+    /// The extension downloads and verifies them into this cache, then uploads them through the
     /// Docker archive API. The node needs no network.
-    Upload,
+    Upload(ArtifactCache),
     /// The node fetches them with curl from a base URL laid out like dl.k8s.io/release, and
     /// verifies each against its published `.sha256` before it is used.
     FetchInNode { base_url: String },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Upload(cache) => write!(f, "Upload({})", cache.source()),
+            Source::FetchInNode { base_url } => write!(f, "FetchInNode({base_url})"),
+        }
+    }
 }
 
 /// Per-upgrade choices, from ExtensionConfig settings or CLI flags.
@@ -56,12 +65,13 @@ pub struct Options {
     pub policy: Policy,
 }
 
-impl Default for Options {
-    fn default() -> Self {
+impl Options {
+    /// kubeadm's documented defaults: drain with a 5 minute limit, one minor at a time.
+    pub fn new(source: Source) -> Self {
         Options {
             drain: true,
             drain_timeout: Duration::from_secs(300),
-            source: Source::Upload,
+            source,
             policy: Policy::default(),
         }
     }
@@ -108,17 +118,15 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Engine {
     docker: Docker,
-    artifacts: ArtifactCache,
     timeouts: Timeouts,
     /// Identifies this process in node leases.
     owner: Arc<str>,
 }
 
 impl Engine {
-    pub fn new(docker: Docker, artifacts: ArtifactCache, timeouts: Timeouts) -> Self {
+    pub fn new(docker: Docker, timeouts: Timeouts) -> Self {
         Engine {
             docker,
-            artifacts,
             timeouts,
             owner: lease_owner().into(),
         }
@@ -661,36 +669,18 @@ impl<'a> Session<'a> {
     async fn verify(&mut self, step: Step) -> Result<()> {
         let v = self.target.version;
         match step {
-            Step::Preflight | Step::Drain | Step::Uncordon | Step::RecordVersion => {
-                // Their postconditions are read back here for all but the journal-only parts.
-                match step {
-                    Step::Drain => {
-                        if !self.node_status().await?.unschedulable {
-                            return Err(Error::Verify(format!(
-                                "Node {} is still schedulable after drain",
-                                self.node.name()
-                            )));
-                        }
-                    }
-                    Step::Uncordon => {
-                        if self.node_status().await?.unschedulable {
-                            return Err(Error::Verify(format!(
-                                "Node {} is still cordoned after uncordon",
-                                self.node.name()
-                            )));
-                        }
-                    }
-                    Step::RecordVersion => {
-                        if !self.is_done(Step::RecordVersion).await? {
-                            return Err(Error::Verify(format!(
-                                "{KIND_VERSION_FILE} does not read {v}"
-                            )));
-                        }
-                    }
-                    _ => {}
-                }
-                Ok(())
-            }
+            Step::Preflight => Ok(()),
+            Step::Drain if !self.node_status().await?.unschedulable => Err(Error::Verify(format!(
+                "Node {} is still schedulable after drain",
+                self.node.name()
+            ))),
+            Step::Uncordon if self.node_status().await?.unschedulable => Err(Error::Verify(
+                format!("Node {} is still cordoned after uncordon", self.node.name()),
+            )),
+            Step::RecordVersion if !self.is_done(Step::RecordVersion).await? => Err(Error::Verify(
+                format!("{KIND_VERSION_FILE} does not read {v}"),
+            )),
+            Step::Drain | Step::Uncordon | Step::RecordVersion => Ok(()),
             Step::Stage => {
                 if !self.staged_digests_match().await? {
                     return Err(Error::Verify(
@@ -759,9 +749,8 @@ impl<'a> Session<'a> {
         }
         for binary in Binary::ALL {
             let digest = match &self.options.source {
-                Source::Upload => {
-                    self.engine
-                        .artifacts
+                Source::Upload(cache) => {
+                    cache
                         .fetch(&self.target.version.to_string(), self.arch, binary)
                         .await?
                         .sha256
@@ -812,12 +801,10 @@ impl<'a> Session<'a> {
         )
         .await?;
         match self.options.source.clone() {
-            Source::Upload => {
+            Source::Upload(cache) => {
                 let mut files = Vec::with_capacity(Binary::ALL.len());
                 for binary in Binary::ALL {
-                    let artifact = self
-                        .engine
-                        .artifacts
+                    let artifact = cache
                         .fetch(&self.target.version.to_string(), self.arch, binary)
                         .await?;
                     files.push(UploadFile::from_path(binary.name(), artifact.path, 0o755));
@@ -1173,10 +1160,9 @@ async fn first_with_admin_conf(
         if let Ok(output) = cp
             .exec(Command::new(["test", "-f", ADMIN_CONF]).timeout(timeout))
             .await
+            && output.exit_code == 0
         {
-            if output.exit_code == 0 {
-                return Ok(cp.clone());
-            }
+            return Ok(cp.clone());
         }
     }
     Err(Error::NoControlPlane)

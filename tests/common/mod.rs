@@ -11,9 +11,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capd_inplace::artifacts::{ArtifactCaches, ArtifactSource, FetchConfig};
 use capd_inplace::hooks::router::AppState;
 use capd_inplace::hooks::server::{self, GeneratedCertificate, Running, ServeConfig};
-use capd_inplace::hooks::update_machine::NotImplemented;
+use capd_inplace::hooks::update_machine::EngineHandler;
+use capd_inplace::node::Docker;
+use capd_inplace::telemetry::EventSink;
+use capd_inplace::telemetry::metrics::Metrics;
+use capd_inplace::upgrade::{Engine, Timeouts};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -49,11 +54,26 @@ pub struct TestServer {
     task: tokio::task::JoinHandle<server::Result<()>>,
 }
 
+/// The production hook state: the engine-backed UpdateMachine, with an artifact cache in
+/// `cache_dir` whose source is an empty local mirror (no test reaches the network).
+pub async fn engine_state(cache_dir: &Path) -> AppState {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mirror = cache_dir.join("mirror");
+    std::fs::create_dir_all(&mirror).unwrap();
+    let source = ArtifactSource::parse(&format!("file://{}", mirror.display())).unwrap();
+    let caches = ArtifactCaches::open(cache_dir.join("cache"), source, FetchConfig::default())
+        .await
+        .unwrap();
+    let engine = Engine::new(Docker::connect().await.unwrap(), Timeouts::default());
+    let metrics = Metrics::new();
+    let handler = EngineHandler::new(engine, caches, metrics.clone(), EventSink::disabled(), 4);
+    AppState::new(Arc::new(handler), metrics)
+}
+
 impl TestServer {
     pub async fn start(config: ServeConfig) -> Self {
-        let running: Running = server::start(config, AppState::new(Arc::new(NotImplemented)))
-            .await
-            .unwrap();
+        let state = engine_state(&config.cert_dir.join("state")).await;
+        let running: Running = server::start(config, state).await.unwrap();
         let (hooks, health) = (running.hooks_address, running.health_address);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(running.run_until(async {
