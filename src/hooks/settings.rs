@@ -33,6 +33,16 @@ pub const DRAIN_TIMEOUT: &str = "drainTimeout";
 pub const ARTIFACT_URL: &str = "artifactURL";
 /// Name of the fetch-inside-the-node setting.
 pub const FETCH_IN_NODE: &str = "fetchInNode";
+/// Every setting this extension reads.
+pub const ALL: [&str; 7] = [
+    DISABLE_IN_PLACE_UPDATES,
+    WORKER_MAX_MINOR_SKEW,
+    KIND_IMAGE_REPOSITORIES,
+    DRAIN,
+    DRAIN_TIMEOUT,
+    ARTIFACT_URL,
+    FETCH_IN_NODE,
+];
 const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 
 /// The repositories kind's own image mapper uses, with and without the implicit registry.
