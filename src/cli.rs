@@ -76,8 +76,12 @@ pub fn print_results(results: &[NodeResult], output: Output) -> anyhow::Result<(
                         NodeOutcome::Upgraded => "upgraded".to_string(),
                         NodeOutcome::Failed { message } => format!("FAILED: {message}"),
                         NodeOutcome::Skipped => "skipped (a control-plane node failed)".to_string(),
-                        NodeOutcome::WouldUpgrade { mode, from } => {
-                            format!("would run {mode} (from {from})")
+                        NodeOutcome::WouldUpgrade {
+                            mode,
+                            from: Some(from),
+                        } => format!("would run {mode} (from {from})"),
+                        NodeOutcome::WouldUpgrade { mode, from: None } => {
+                            format!("would run {mode}")
                         }
                     };
                     vec![r.node.clone(), role(r.role).to_string(), outcome]

@@ -15,9 +15,10 @@ use tokio::sync::watch;
 
 use super::jobs::Progress;
 use super::journal::{self, Journal};
+use super::plan::{KubeadmMode, SkewError};
 use super::run::{Engine, NodeTarget, Options, Outcome, Preview, exec_ok};
 use super::step::Step;
-use super::{Error, facts};
+use super::{Error, StepError, facts};
 use crate::node::{Command, Docker, DockerNode, NodeExec, Role};
 use crate::version::KubeVersion;
 
@@ -42,10 +43,11 @@ pub enum NodeOutcome {
     },
     /// Not attempted because an earlier control-plane node failed.
     Skipped,
-    /// `--dry-run`: what would happen.
+    /// `--dry-run`: what would happen. `from` is unknown for a worker whose preflight can only pass once the control plane is
+    /// upgraded.
     WouldUpgrade {
         mode: String,
-        from: String,
+        from: Option<String>,
     },
 }
 
@@ -94,7 +96,15 @@ pub async fn upgrade(
             results.push(result(node, NodeOutcome::Skipped));
             continue;
         }
-        let outcome = one(engine, &target_of(node), options, dry_run, &on_progress).await;
+        let outcome = one(
+            engine,
+            &target_of(node),
+            options,
+            dry_run,
+            false,
+            &on_progress,
+        )
+        .await;
         control_plane_failed = outcome.is_failure();
         results.push(result(node, outcome));
     }
@@ -102,12 +112,25 @@ pub async fn upgrade(
         results.extend(workers.iter().map(|n| result(n, NodeOutcome::Skipped)));
         return Ok(results);
     }
+    // In a dry run nothing is upgraded, so workers would fail the "control plane first" rule;
+    // report them as upgrading after the control plane instead.
+    let control_plane_pending = results
+        .iter()
+        .any(|r| matches!(r.outcome, NodeOutcome::WouldUpgrade { .. }));
     let worker_results: Vec<NodeResult> = futures::stream::iter(workers.iter())
         .map(|node| {
             let target = target_of(node);
             let on_progress = on_progress.clone();
             async move {
-                let outcome = one(engine, &target, options, dry_run, &on_progress).await;
+                let outcome = one(
+                    engine,
+                    &target,
+                    options,
+                    dry_run,
+                    control_plane_pending,
+                    &on_progress,
+                )
+                .await;
                 result(node, outcome)
             }
         })
@@ -131,6 +154,7 @@ async fn one(
     target: &NodeTarget,
     options: &Options,
     dry_run: bool,
+    control_plane_pending: bool,
     on_progress: &ProgressFn,
 ) -> NodeOutcome {
     if dry_run {
@@ -141,7 +165,14 @@ async fn one(
             }) => NodeOutcome::AlreadyAtTarget,
             Ok(preview) => NodeOutcome::WouldUpgrade {
                 mode: preview.mode.command().to_string(),
-                from: preview.from,
+                from: Some(preview.from),
+            },
+            Err(StepError {
+                source: Error::Skew(SkewError::ControlPlaneBehind { .. }),
+                ..
+            }) if control_plane_pending => NodeOutcome::WouldUpgrade {
+                mode: format!("{} after the control plane", KubeadmMode::Node.command()),
+                from: None,
             },
             Err(e) => NodeOutcome::Failed {
                 message: e.to_string(),

@@ -160,9 +160,14 @@ impl Engine {
             let lease = Lease::acquire(&node, &self.owner, self.timeouts.lease)
                 .await
                 .map_err(|e| step_error(Step::Preflight, e))?;
-            let mut session = Session::open(self, node, target, options)
-                .await
-                .map_err(|e| step_error(Step::Preflight, e))?;
+            let mut session = match Session::open(self, node, target, options).await {
+                Ok(session) => session,
+                Err(e) => {
+                    // A refusal must not hold the node: the next caller may be right.
+                    lease.release().await;
+                    return Err(step_error(Step::Preflight, e));
+                }
+            };
             let outcome = session.run(progress, &lease).await;
             if let Err(error) = &outcome {
                 session.journal.last_error = Some(RecordedError {
@@ -222,6 +227,14 @@ impl Engine {
                 .unwrap_or_default(),
             already_at_target: session.already_at_target,
         })
+    }
+}
+
+impl Drop for Lease {
+    /// Stops renewing however the attempt ends (including cancellation); an unreleased lease
+    /// then expires by itself.
+    fn drop(&mut self) {
+        self.renewer.abort();
     }
 }
 
@@ -301,6 +314,7 @@ impl Lease {
     }
 
     async fn release(self) {
+        // Stop renewing first, or a renewal could re-take the lease right after the release.
         self.renewer.abort();
         let release = Command::new([
             "flock",

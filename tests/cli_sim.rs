@@ -1,0 +1,167 @@
+//! The standalone CLI (`capd-inplace upgrade` and `status`) as a user runs it, against a
+//! simulated CAPD cluster.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::process::Output;
+
+use capd_inplace_e2e::sim::SimCluster;
+use serde_json::Value;
+
+fn capd_inplace(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_capd-inplace"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn status(cluster: &str) -> Vec<Value> {
+    let out = capd_inplace(&["status", "--cluster", cluster, "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_a_cluster_from_the_command_line() {
+    let cluster = SimCluster::up("cli", 1, 2, "v1.31.4").await.unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let mirror = cluster.mirror().host_url.clone();
+
+    let before = status("cli");
+    assert_eq!(before.len(), 3);
+    assert_eq!(before[0]["node"], "cli-cp-0");
+    assert_eq!(before[0]["role"], "control-plane");
+    assert!(
+        before
+            .iter()
+            .all(|n| n["kubeletVersion"] == "v1.31.4" && n["upgrade"].is_null())
+    );
+
+    // Bad input changes nothing and says why.
+    let bad = capd_inplace(&["upgrade", "--cluster", "cli", "--to", "v1.32"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("--to must be a vMAJOR.MINOR.PATCH version"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let skip = capd_inplace(&[
+        "upgrade",
+        "--cluster",
+        "cli",
+        "--to",
+        "v1.33.2",
+        "--artifact-url",
+        &mirror,
+        "--artifact-cache-dir",
+        cache_dir,
+    ]);
+    assert!(!skip.status.success());
+    assert!(
+        text(&skip.stdout).contains("skips a minor version"),
+        "{}",
+        text(&skip.stdout)
+    );
+    assert!(
+        status("cli")
+            .iter()
+            .all(|n| n["kubeletVersion"] == "v1.31.4" && n["upgrade"].is_null())
+    );
+
+    let dry = capd_inplace(&[
+        "upgrade",
+        "--cluster",
+        "cli",
+        "--to",
+        "v1.32.3",
+        "--dry-run",
+        "--output",
+        "json",
+        "--artifact-url",
+        &mirror,
+        "--artifact-cache-dir",
+        cache_dir,
+    ]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    let plan: Vec<Value> = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(plan[0]["outcome"]["result"], "wouldUpgrade");
+    assert_eq!(plan[0]["outcome"]["mode"], "kubeadm upgrade apply");
+    assert_eq!(plan[0]["outcome"]["from"], "v1.31.4");
+    assert_eq!(plan[1]["outcome"]["result"], "wouldUpgrade");
+    assert_eq!(
+        plan[1]["outcome"]["mode"],
+        "kubeadm upgrade node after the control plane"
+    );
+    assert!(
+        status("cli").iter().all(|n| n["upgrade"].is_null()),
+        "a dry run changes nothing"
+    );
+
+    let run = capd_inplace(&[
+        "upgrade",
+        "--cluster",
+        "cli",
+        "--to",
+        "v1.32.3",
+        "--workers-parallel",
+        "2",
+        "--artifact-url",
+        &mirror,
+        "--artifact-cache-dir",
+        cache_dir,
+    ]);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    // Not a terminal: one plain progress line per step and node.
+    for node in ["cli-cp-0", "cli-md-0-0", "cli-md-0-1"] {
+        assert!(
+            stderr.contains(&format!("{node}: step 4/10: kubeadm upgrade")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(&format!("{node}: done")), "{stderr}");
+    }
+    assert!(stdout.starts_with("NODE"), "{stdout}");
+    assert_eq!(stdout.matches("upgraded").count(), 3, "{stdout}");
+
+    for node in status("cli") {
+        assert_eq!(node["kubeletVersion"], "v1.32.3", "{node}");
+        assert_eq!(node["kubeadmVersion"], "v1.32.3", "{node}");
+        assert_eq!(node["ready"], true, "{node}");
+        assert_eq!(node["cordoned"], false, "{node}");
+        assert_eq!(node["upgrade"]["target"], "v1.32.3", "{node}");
+        assert_eq!(node["upgrade"]["step"], "done", "{node}");
+    }
+    let table = capd_inplace(&["status", "--cluster", "cli"]);
+    assert!(text(&table.stdout).starts_with("NODE"));
+
+    // Running it again resumes nothing and changes nothing.
+    let again = capd_inplace(&[
+        "upgrade",
+        "--cluster",
+        "cli",
+        "--to",
+        "v1.32.3",
+        "--artifact-url",
+        &mirror,
+        "--artifact-cache-dir",
+        cache_dir,
+    ]);
+    assert!(again.status.success());
+    assert_eq!(
+        text(&again.stdout).matches("already at target").count(),
+        3,
+        "{}",
+        text(&again.stdout)
+    );
+
+    let unknown = capd_inplace(&["status", "--cluster", "no-such-cluster"]);
+    assert!(!unknown.status.success());
+    assert!(text(&unknown.stderr).contains("io.x-k8s.kind.cluster=no-such-cluster"));
+    cluster.down().await.unwrap();
+}
