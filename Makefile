@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test lint build fmt image image-local e2e-kind
+.PHONY: run test lint build bench image image-local e2e-kind
 
 IMAGE ?= capd-inplace:dev
 
@@ -19,9 +19,15 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## test: unit, integration and end-to-end tests (needs a Docker Engine: scripts/ensure-docker.sh)
+## test: unit, integration and end-to-end tests (needs a Docker Engine: scripts/ensure-docker.sh).
+## The simulated node image is built first (minutes on a new machine, seconds after that).
 test:
+	bash scripts/build-simnode-image.sh >/dev/null
 	$(CARGO) test --workspace
+
+## bench: the in-process CanUpdateMachine decision (criterion)
+bench:
+	$(CARGO) bench --bench can_update
 
 ## image: build the container image from the Dockerfile (pulls the rust and distroless base images)
 image:
