@@ -195,15 +195,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            telemetry::init(cli.log_format)?;
+            telemetry::init(cli.log_format, telemetry::SERVER_FILTER)?;
             runtime()?.block_on(serve(args))
         }
         Command::Upgrade(args) => {
-            telemetry::init(cli.log_format)?;
+            telemetry::init(cli.log_format, telemetry::CLI_FILTER)?;
             runtime()?.block_on(upgrade(args))
         }
         Command::Status(args) => {
-            telemetry::init(cli.log_format)?;
+            telemetry::init(cli.log_format, telemetry::CLI_FILTER)?;
             runtime()?.block_on(status(args))
         }
     }

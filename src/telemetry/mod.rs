@@ -38,7 +38,7 @@ pub mod events;
 mod logging;
 pub mod metrics;
 
-pub use logging::{Error, LogFormat, init};
+pub use logging::{CLI_FILTER, Error, LogFormat, SERVER_FILTER, init};
 
 pub use events::{EventSink, EventType};
 pub use metrics::{Hook, HookResult, InFlight, Metrics, Outcome, metrics_router};
