@@ -570,7 +570,10 @@ impl<'a> Session<'a> {
                 if step == Step::RecordVersion {
                     self.journal.done = true;
                 }
-                self.save_journal().await
+                if step.recorded() {
+                    self.save_journal().await?;
+                }
+                Ok(())
             }
             .instrument(span)
             .await;
@@ -883,46 +886,14 @@ impl<'a> Session<'a> {
             ));
         }
         let prev = self.paths.prev_dir();
-        exec_ok(
-            &self.node,
-            Command::new(["mkdir", "-p", prev.as_str()]),
-            quick,
-        )
-        .await?;
         for binary in binaries {
             let name = binary.name();
-            let installed = format!("/usr/bin/{name}");
-            let incoming = format!("/usr/bin/.{name}.capd-inplace");
-            // `cp -n` keeps the original from the first attempt if this one is a retry.
-            exec_ok(
-                &self.node,
-                Command::new([
-                    "cp",
-                    "-an",
-                    installed.as_str(),
-                    format!("{prev}/{name}").as_str(),
-                ]),
-                quick,
-            )
-            .await?;
-            exec_ok(
-                &self.node,
-                Command::new([
-                    "install",
-                    "-m",
-                    "0755",
-                    self.paths.staged(name).as_str(),
-                    incoming.as_str(),
-                ]),
-                quick,
-            )
-            .await?;
-            exec_ok(
-                &self.node,
-                Command::new(["mv", "-f", incoming.as_str(), installed.as_str()]),
-                quick,
-            )
-            .await?;
+            let command = Command::new(["sh", "-c", INSTALL_BINARY, "sh"])
+                .arg(format!("/usr/bin/{name}"))
+                .arg(format!("{prev}/{name}"))
+                .arg(self.paths.staged(name))
+                .arg(format!("/usr/bin/.{name}.capd-inplace"));
+            exec_ok(&self.node, command, quick).await?;
         }
         Ok(())
     }
@@ -1093,7 +1064,7 @@ impl<'a> Session<'a> {
                     after: Duration::from_secs(30),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Ok(())
     }
@@ -1113,7 +1084,7 @@ impl<'a> Session<'a> {
                     after: limit,
                 });
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -1131,12 +1102,6 @@ impl<'a> Session<'a> {
     async fn save_journal(&self) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.journal)
             .map_err(|e| Error::Verify(format!("journal: {e}")))?;
-        exec_ok(
-            &self.node,
-            Command::new(["mkdir", "-p", self.paths.dir.as_str()]),
-            self.engine.timeouts.command,
-        )
-        .await?;
         write_file_atomically(
             &self.node,
             &self.paths.journal(),
@@ -1182,7 +1147,17 @@ async fn first_with_admin_conf(
     Err(Error::NoControlPlane)
 }
 
-/// Uploads under a temporary name next to `path`, then renames: readers never see a torn file.
+/// Writes `contents` (sent on stdin) under a temporary name next to `path`, then renames it
+/// into place, in one exec: readers never see a torn file. The script is a constant; the path
+/// parts and mode arrive as arguments.
+const WRITE_ATOMICALLY: &str = r#"set -eu
+dir="$1"; name="$2"; mode="$3"
+mkdir -p "$dir"
+cat > "$dir/.$name.capd-inplace"
+chmod "$mode" "$dir/.$name.capd-inplace"
+mv -f "$dir/.$name.capd-inplace" "$dir/$name"
+"#;
+
 async fn write_file_atomically(
     node: &DockerNode,
     path: &str,
@@ -1193,20 +1168,22 @@ async fn write_file_atomically(
     let (dir, name) = path
         .rsplit_once('/')
         .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
-    let temporary = format!(".{name}.capd-inplace");
-    node.upload(
-        dir,
-        vec![UploadFile::from_bytes(&temporary, contents, mode)],
-    )
-    .await?;
-    exec_ok(
-        node,
-        Command::new(["mv", "-f", format!("{dir}/{temporary}").as_str(), path]),
-        timeout,
-    )
-    .await?;
+    let command = Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name])
+        .arg(format!("{mode:o}"))
+        .stdin(contents);
+    exec_ok(node, command, timeout).await?;
     Ok(())
 }
+
+/// Keeps the first replaced binary (`cp -n`: a retry keeps the original), then swaps the staged
+/// one in by an atomic rename. Arguments: installed path, backup path, staged path, temporary path.
+const INSTALL_BINARY: &str = r#"set -eu
+installed="$1"; backup="$2"; staged="$3"; incoming="$4"
+mkdir -p "$(dirname "$backup")"
+cp -an "$installed" "$backup"
+install -m 0755 "$staged" "$incoming"
+mv -f "$incoming" "$installed"
+"#;
 
 fn kubectl_command<'s>(args: impl IntoIterator<Item = &'s str>) -> Command {
     Command::new(["kubectl", "--kubeconfig", ADMIN_CONF]).args(args)

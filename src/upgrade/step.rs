@@ -83,6 +83,23 @@ impl Step {
         }
     }
 
+    /// Whether finishing this step is written to the journal at once. Steps whose effect the node
+    /// shows are re-checked on resume and need no record; these are the ones whose completion the
+    /// node cannot show (a worker's `kubeadm upgrade node`, our drain and uncordon, the end), plus
+    /// the long ones, so `status` stays close to the truth. Each write is one exec, so recording
+    /// everything would cost an upgrade about a second.
+    pub fn recorded(self) -> bool {
+        matches!(
+            self,
+            Step::Stage
+                | Step::KubeadmUpgrade
+                | Step::Drain
+                | Step::RestartKubelet
+                | Step::Uncordon
+                | Step::RecordVersion
+        )
+    }
+
     /// How soon CAPI should poll again while this step runs: long steps get long intervals so
     /// polling costs nothing, short ones short intervals so completion is seen quickly.
     pub fn retry_after(self) -> Duration {
