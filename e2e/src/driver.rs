@@ -46,7 +46,7 @@ use serde_json::{Map, Value, json};
 pub use client::{ExtensionConfig, FailurePolicy, Hook, RuntimeClient};
 
 use crate::capi;
-use crate::sim::{Role, SimCluster};
+use crate::sim::{Role, SimCluster, Version};
 
 pub const UPDATE_IN_PROGRESS: &str =
     "in-place-updates.internal.cluster.x-k8s.io/update-in-progress";
@@ -714,7 +714,28 @@ impl Driver {
 
     /// Changes the KubeadmControlPlane spec and reconciles it until every control-plane Machine
     /// was updated in place or recorded as "would replace".
-    pub async fn upgrade_control_plane(&self, change: &Change) -> Result<Vec<Decision>> {
+    ///
+    /// Like KCP, it first raises the workload cluster's kubeadm-config `kubernetesVersion`
+    /// (`UpdateClusterConfiguration`) when the version goes up by at most one minor. KCP's
+    /// admission webhook would refuse a minor skip outright; here the skip still reaches
+    /// CanUpdateMachine, so that the extension's own refusal is exercised, but the cluster's
+    /// configuration is left alone.
+    pub async fn upgrade_control_plane(
+        &self,
+        cluster: &SimCluster,
+        change: &Change,
+    ) -> Result<Vec<Decision>> {
+        let current = self.lock().kcp.version.clone();
+        if let (Ok(from), Ok(to)) = (Version::parse(&current), Version::parse(&change.version))
+            && to > from
+            && to.major == from.major
+            && to.minor <= from.minor + 1
+        {
+            cluster
+                .update_cluster_configuration(&to)
+                .await
+                .map_err(|e| Error::Model(format!("UpdateClusterConfiguration: {e}")))?;
+        }
         let names: Vec<String> = {
             let mut workload = self.lock();
             workload.kcp.version = change.version.clone();
