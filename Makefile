@@ -2,9 +2,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test lint build fmt image image-local e2e-kind
+.PHONY: run test lint build fmt image image-local e2e e2e-kind
 
 IMAGE ?= capd-inplace:dev
+# Scenarios mostly wait on containers, so they run in parallel beyond the core count.
+E2E_PARALLEL ?= 8
 
 ## run: serve the Runtime Extension over HTTPS with a self-signed dev certificate on :9443
 run:
@@ -22,6 +24,12 @@ lint:
 ## test: unit, integration and end-to-end tests (needs a Docker Engine: scripts/ensure-docker.sh)
 test:
 	$(CARGO) test --workspace
+
+## e2e: the CAPI-faithful end-to-end scenarios on simulated clusters (needs a Docker Engine)
+e2e:
+	$(CARGO) build -p capd-inplace --bin capd-inplace
+	$(CARGO) build -p capd-inplace-simnode --bin simnode
+	$(CARGO) test -p capd-inplace-e2e --test scenarios -- --test-threads=$(E2E_PARALLEL)
 
 ## image: build the container image from the Dockerfile (pulls the rust and distroless base images)
 image:

@@ -212,20 +212,15 @@ async fn assert_nodes(env: &Env, version: &str, journal: Journal) {
             }
         }
     }
+    // Every node's Machine is still there under its name, pointing at the same container.
     let workload = env.driver.workload();
-    let mut machines: Vec<(String, String)> = workload
-        .machines
-        .iter()
-        .map(|m| (m.name().to_string(), m.provider_id().to_string()))
-        .collect();
-    machines.sort();
-    let mut expected: Vec<(String, String)> = cluster
-        .nodes()
-        .iter()
-        .map(|n| (n.name.clone(), n.provider_id()))
-        .collect();
-    expected.sort();
-    assert_eq!(machines, expected, "Machine identities changed");
+    for node in cluster.nodes() {
+        let machine = workload
+            .machine(&node.name)
+            .unwrap_or_else(|| panic!("Machine {} is gone", node.name));
+        assert_eq!(machine.provider_id(), node.provider_id(), "{}", node.name);
+        assert!(!machine.is_update_in_progress(), "{}", node.name);
+    }
 }
 
 /// Control-plane nodes ran `kubeadm upgrade` exactly once (one manifest backup each).
