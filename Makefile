@@ -5,8 +5,6 @@ CARGO ?= cargo
 .PHONY: run test lint build fmt image image-local e2e e2e-kind
 
 IMAGE ?= capd-inplace:dev
-# Scenarios mostly wait on containers, so they run in parallel beyond the core count.
-E2E_PARALLEL ?= 8
 
 ## run: serve the Runtime Extension over HTTPS with a self-signed dev certificate on :9443
 run:
@@ -29,7 +27,7 @@ test:
 e2e:
 	$(CARGO) build -p capd-inplace --bin capd-inplace
 	$(CARGO) build -p capd-inplace-simnode --bin simnode
-	$(CARGO) test -p capd-inplace-e2e --test scenarios -- --test-threads=$(E2E_PARALLEL)
+	$(CARGO) test -p capd-inplace-e2e --test scenarios
 
 ## image: build the container image from the Dockerfile (pulls the rust and distroless base images)
 image:
