@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test lint build bench image image-local e2e-kind
+.PHONY: run test lint build bench image image-local e2e e2e-kind
 
 IMAGE ?= capd-inplace:dev
 
@@ -28,6 +28,13 @@ test:
 ## bench: the in-process CanUpdateMachine decision (criterion)
 bench:
 	$(CARGO) bench --bench can_update
+
+## e2e: the CAPI-faithful end-to-end scenarios on simulated clusters (needs a Docker Engine)
+e2e:
+	bash scripts/build-simnode-image.sh >/dev/null
+	$(CARGO) build -p capd-inplace --bin capd-inplace
+	$(CARGO) build -p capd-inplace-simnode --bin simnode
+	$(CARGO) test -p capd-inplace-e2e --test scenarios
 
 ## image: build the container image from the Dockerfile (pulls the rust and distroless base images)
 image:

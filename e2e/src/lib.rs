@@ -1,5 +1,7 @@
 //! End-to-end suite for capd-inplace: the simulated kind node and the CAPI-faithful driver.
 
 pub mod capi;
+pub mod driver;
+pub mod extension;
 pub mod sim;
 pub mod sim_artifacts;

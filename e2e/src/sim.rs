@@ -423,6 +423,30 @@ impl SimCluster {
             })
     }
 
+    /// Raises `kubernetesVersion` in the kubeadm-config ConfigMap, as KubeadmControlPlane's
+    /// `UpdateClusterConfiguration` does before it touches any Machine. Done under the state lock
+    /// with `sed` on the ConfigMap's JSON (argv only; the version is parsed first).
+    pub async fn update_cluster_configuration(&self, version: &Version) -> Result<()> {
+        let expression =
+            format!("s/kubernetesVersion: v[0-9]+\\.[0-9]+\\.[0-9]+/kubernetesVersion: {version}/");
+        let file = format!("{STATE_DIR}/configmaps/kube-system/kubeadm-config.json");
+        let lock = format!("{STATE_DIR}/.lock");
+        self.exec_ok(
+            &self.control_plane().name,
+            &["flock", &lock, "sed", "-i", "-E", &expression, &file],
+        )
+        .await?;
+        let now = self.cluster_version().await?;
+        if now == *version {
+            Ok(())
+        } else {
+            Err(Error::Output {
+                what: "kubeadm-config".into(),
+                detail: format!("kubernetesVersion is {now} after setting {version}"),
+            })
+        }
+    }
+
     /// Waits until every node of this cluster is a Ready Node with `kubeletVersion == version`.
     pub async fn wait_nodes_ready(&self, version: &Version, timeout: Duration) -> Result<()> {
         let start = Instant::now();

@@ -86,7 +86,13 @@ pub fn ensure_mirror_tree(simnode: &Path) -> Result<PathBuf> {
         return Ok(tree);
     }
     std::fs::create_dir_all(&cache).map_err(io(&cache))?;
-    let tmp = cache.join(format!("mirror.tmp.{}", std::process::id()));
+    // Unique per call, not only per process: test threads of one process build it concurrently.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = cache.join(format!(
+        "mirror.tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     for v in MIRROR_VERSIONS {
         let version = Version::parse(v).map_err(|e| Error::Artifacts(e.to_string()))?;

@@ -257,6 +257,13 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(format!("request body is empty, expected a JSON {expected}"));
     }
+    // serde reads a JSON array as a struct's fields in order, so `[]` would decode as an empty
+    // request; Go's encoding/json (CAPI's own SDK) refuses anything but an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(format!(
+            "request body is not a valid {expected}: not a JSON object"
+        ));
+    }
     let request: Request = serde_json::from_slice(&bytes)
         .map_err(|err| format!("request body is not a valid {expected}: {err}"))?;
     if !request.api_version().is_empty() && request.api_version() != API_VERSION {
@@ -417,7 +424,7 @@ mod test {
             ),
             ("updatemachine/update-machine", "UpdateMachineResponse"),
         ];
-        let bodies: [(&str, Vec<u8>, &str); 5] = [
+        let bodies: [(&str, Vec<u8>, &str); 6] = [
             ("empty", Vec::new(), "request body is empty"),
             (
                 "garbage",
@@ -425,6 +432,7 @@ mod test {
                 "request body is not a valid",
             ),
             ("array", b"[1,2]".to_vec(), "request body is not a valid"),
+            ("empty array", b"[]".to_vec(), "request body is not a valid"),
             (
                 "wrong kind",
                 br#"{"kind":"SomethingElse"}"#.to_vec(),

@@ -119,8 +119,13 @@ fn register(ctx: &Ctx, flags: &Flags, name: &str, skew_checked: &mut bool) -> Re
     let Some(oldest) = apiservers.values().min() else {
         return Err(Retry::Later("Post \"https://control-plane:6443/api/v1/nodes\": dial tcp: connect: connection refused".into()));
     };
+    // A control-plane kubelet is checked against its own node's API server: kubeadm's documented
+    // HA upgrade restarts the first control plane's new kubelet while the other API servers are
+    // still old, and a control-plane kubelet talks to its local API server
+    // (ControlPlaneKubeletLocalMode). Workers go through the load balancer: the oldest counts.
+    let reference = apiservers.get(name).unwrap_or(oldest);
     if !*skew_checked {
-        check_kubelet_skew(&ctx.version, oldest).map_err(|msg| {
+        check_kubelet_skew(&ctx.version, reference).map_err(|msg| {
             Retry::Fatal(Failure::new(format!(
                 "E run.go:72] \"command failed\" err=\"{msg}\""
             )))
@@ -301,6 +306,26 @@ mod tests {
             .unwrap();
         preflight(&c, &flags).unwrap();
         assert!(Flags::parse(&args(&["serve"])).is_err());
+    }
+
+    #[test]
+    fn control_plane_kubelet_is_checked_against_its_own_api_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = ctx(dir.path(), "v1.32.0");
+        newer
+            .state
+            .set_apiserver("cp0", &Version::parse("v1.32.0").unwrap())
+            .unwrap();
+        newer
+            .state
+            .set_apiserver("cp1", &Version::parse("v1.31.4").unwrap())
+            .unwrap();
+        let flags = Flags::parse(&args(&["--provider-id=docker:////cp0"])).unwrap();
+        assert!(register(&newer, &flags, "cp0", &mut false).is_ok());
+        assert!(matches!(
+            register(&newer, &flags, "cp1", &mut false),
+            Err(Retry::Fatal(_))
+        ));
     }
 
     #[test]
