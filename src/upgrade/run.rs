@@ -92,7 +92,9 @@ impl Default for Timeouts {
             command: Duration::from_secs(60),
             kubeadm: Duration::from_secs(15 * 60),
             node_ready: Duration::from_secs(180),
-            lease: Duration::from_secs(90),
+            // Renewed every third of this while held, so a live holder never loses it, and a
+            // crashed one blocks the node for at most this long.
+            lease: Duration::from_secs(30),
         }
     }
 }
