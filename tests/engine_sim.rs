@@ -299,3 +299,87 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
     assert_upgraded(&f, &cp, "v1.32.3", true).await;
     f.cluster.down().await.unwrap();
 }
+
+/// UpdateMachine as CAPI drives it, straight on the handler: 50 concurrent duplicate calls start
+/// exactly one upgrade, and polling then reaches done with the node verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_update_machine_calls_join_one_job() {
+    use capd_inplace::artifacts::ArtifactCaches;
+    use capd_inplace::hooks::types::{ResponseStatus, UpdateMachineRequest};
+    use capd_inplace::hooks::update_machine::{EngineHandler, UpdateMachineHandler};
+    use capd_inplace::telemetry::{EventSink, metrics::Metrics};
+
+    let f = fixture("eng-dup", 1, 0, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    let cache = tempfile::tempdir().unwrap();
+    let source = ArtifactSource::parse(&f.cluster.mirror().host_url).unwrap();
+    let caches = ArtifactCaches::open(cache.path(), source, FetchConfig::default())
+        .await
+        .unwrap();
+    let metrics = Metrics::new();
+    let handler = Arc::new(EngineHandler::new(
+        f.engine.clone(),
+        caches,
+        metrics.clone(),
+        EventSink::disabled(),
+        4,
+    ));
+    let mut request: serde_json::Value = serde_json::from_str(include_str!(
+        "../testdata/hooks/update-machine.request.json"
+    ))
+    .unwrap();
+    let machine = &mut request["desired"]["machine"];
+    machine["metadata"]["name"] = cp.clone().into();
+    machine["spec"]["clusterName"] = f.cluster.name().into();
+    machine["spec"]["version"] = "v1.32.3".into();
+    machine["spec"]["providerID"] = format!("docker:////{cp}").into();
+    let request: UpdateMachineRequest = serde_json::from_value(request).unwrap();
+
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let (handler, request) = (handler.clone(), request.clone());
+            tokio::spawn(async move { handler.update_machine(request).await })
+        })
+        .collect();
+    for call in calls {
+        let response = call.await.unwrap();
+        assert_eq!(
+            response.status,
+            ResponseStatus::Success,
+            "{}",
+            response.message
+        );
+        assert!(response.retry_after_seconds > 0, "{}", response.message);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let response = handler.update_machine(request.clone()).await;
+        assert_eq!(
+            response.status,
+            ResponseStatus::Success,
+            "{}",
+            response.message
+        );
+        if response.retry_after_seconds == 0 {
+            assert_eq!(response.message, "upgraded to v1.32.3");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {}",
+            response.message
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let text = metrics.encode();
+    assert!(
+        text.contains("capd_inplace_upgrades_started_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("capd_inplace_upgrades_succeeded_total 1\n"),
+        "{text}"
+    );
+    assert_upgraded(&f, &cp, "v1.32.3", true).await;
+    f.cluster.down().await.unwrap();
+}
