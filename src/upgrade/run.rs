@@ -460,22 +460,7 @@ impl<'a> Session<'a> {
         } else {
             first_with_admin_conf(&control_planes, quick).await?
         };
-        let cluster = facts::cluster_configuration_version(
-            &exec_ok(
-                &control_plane,
-                kubectl_command([
-                    "-n",
-                    "kube-system",
-                    "get",
-                    "configmap",
-                    "kubeadm-config",
-                    "-o",
-                    "jsonpath={.data.ClusterConfiguration}",
-                ]),
-                quick,
-            )
-            .await?,
-        )?;
+        let cluster = cluster_version(&control_plane, quick).await?;
         let mut apiservers = Vec::with_capacity(control_planes.len());
         for cp in &control_planes {
             let manifest = exec_ok(cp, Command::new(["cat", APISERVER_MANIFEST]), quick).await?;
@@ -927,22 +912,7 @@ impl<'a> Session<'a> {
     async fn control_plane_at_target(&self) -> Result<bool> {
         let quick = self.engine.timeouts.command;
         let v = self.target.version;
-        let cluster = facts::cluster_configuration_version(
-            &exec_ok(
-                &self.control_plane,
-                kubectl_command([
-                    "-n",
-                    "kube-system",
-                    "get",
-                    "configmap",
-                    "kubeadm-config",
-                    "-o",
-                    "jsonpath={.data.ClusterConfiguration}",
-                ]),
-                quick,
-            )
-            .await?,
-        )?;
+        let cluster = cluster_version(&self.control_plane, quick).await?;
         if cluster != v {
             return Ok(false);
         }
@@ -1186,6 +1156,25 @@ cp -an "$installed" "$backup"
 install -m 0755 "$staged" "$incoming"
 mv -f "$incoming" "$installed"
 "#;
+
+/// The `kubernetesVersion` of the cluster's kubeadm-config, read on a control-plane node.
+async fn cluster_version(control_plane: &DockerNode, timeout: Duration) -> Result<KubeVersion> {
+    let yaml = exec_ok(
+        control_plane,
+        kubectl_command([
+            "-n",
+            "kube-system",
+            "get",
+            "configmap",
+            "kubeadm-config",
+            "-o",
+            "jsonpath={.data.ClusterConfiguration}",
+        ]),
+        timeout,
+    )
+    .await?;
+    Ok(facts::cluster_configuration_version(&yaml)?)
+}
 
 fn kubectl_command<'s>(args: impl IntoIterator<Item = &'s str>) -> Command {
     Command::new(["kubectl", "--kubeconfig", ADMIN_CONF]).args(args)
