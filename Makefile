@@ -8,7 +8,7 @@ IMAGE ?= capd-inplace:dev
 
 ## run: serve the Runtime Extension over HTTPS with a self-signed dev certificate on :9443
 run:
-	$(CARGO) run --release -- serve --dev-self-signed
+	$(CARGO) run --release -- serve --dev-self-signed --artifact-cache-dir .cache/artifacts
 
 ## build: build every binary in release mode
 build:
