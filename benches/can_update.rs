@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let request: CanUpdateMachineRequest =
                 serde_json::from_slice(black_box(&body)).expect("decodes");
-            let response = can_update_machine(&request);
+            let (response, _) = can_update_machine(&request);
             black_box(serde_json::to_vec(&response).expect("encodes"))
         })
     });

@@ -58,6 +58,8 @@ pub struct Decision {
     pub message: String,
     /// `None` declines the change.
     pub patches: Option<Patches>,
+    /// Why, from a closed set of labels, for the decisions metric.
+    pub reason: &'static str,
 }
 
 /// JSON Patch operations per object; an empty list means "no patch for this object".
@@ -72,16 +74,19 @@ pub struct Patches {
 }
 
 impl Decision {
-    fn decline(message: impl Into<String>) -> Self {
+    fn decline(reason: &'static str, message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             patches: None,
+            reason,
         }
     }
 }
 
-/// Answers CanUpdateMachine.
-pub fn can_update_machine(request: &CanUpdateMachineRequest) -> CanUpdateMachineResponse {
+/// Answers CanUpdateMachine; also returns the decision's reason label, for metrics.
+pub fn can_update_machine(
+    request: &CanUpdateMachineRequest,
+) -> (CanUpdateMachineResponse, &'static str) {
     let decision = decide(
         &MACHINE,
         &request.settings,
@@ -102,11 +107,13 @@ pub fn can_update_machine(request: &CanUpdateMachineRequest) -> CanUpdateMachine
         response.infrastructure_machine_patch = to_patch(&patches.infrastructure);
         response.bootstrap_config_patch = to_patch(&patches.bootstrap);
     }
-    response
+    (response, decision.reason)
 }
 
-/// Answers CanUpdateMachineSet.
-pub fn can_update_machine_set(request: &CanUpdateMachineSetRequest) -> CanUpdateMachineSetResponse {
+/// Answers CanUpdateMachineSet; also returns the decision's reason label, for metrics.
+pub fn can_update_machine_set(
+    request: &CanUpdateMachineSetRequest,
+) -> (CanUpdateMachineSetResponse, &'static str) {
     let decision = decide(
         &MACHINE_SET,
         &request.settings,
@@ -127,7 +134,7 @@ pub fn can_update_machine_set(request: &CanUpdateMachineSetRequest) -> CanUpdate
         response.infrastructure_machine_template_patch = to_patch(&patches.infrastructure);
         response.bootstrap_config_template_patch = to_patch(&patches.bootstrap);
     }
-    response
+    (response, decision.reason)
 }
 
 fn to_patch(operations: &[Value]) -> Option<Patch> {
@@ -204,21 +211,28 @@ fn try_decide(
     current: Objects<'_>,
     desired: Objects<'_>,
 ) -> Result<Decision, Decision> {
-    let settings =
-        Settings::from_map(settings).map_err(|err| Decision::decline(err.to_string()))?;
+    let settings = Settings::from_map(settings)
+        .map_err(|err| Decision::decline("settings", err.to_string()))?;
     if settings.disable_in_place_updates {
-        return Err(Decision::decline(format!(
-            "in-place updates are disabled by setting {DISABLE_IN_PLACE_UPDATES}"
-        )));
+        return Err(Decision::decline(
+            "settings",
+            format!("in-place updates are disabled by setting {DISABLE_IN_PLACE_UPDATES}"),
+        ));
     }
     let owner_kind = shape.owner_kind;
     let (Some(current_owner), Some(desired_owner)) = (current.owner, desired.owner) else {
-        return Err(Decision::decline(format!("request has no {owner_kind}")));
+        return Err(Decision::decline(
+            "unsupported_object",
+            format!("request has no {owner_kind}"),
+        ));
     };
     let (Some(current_infra), Some(desired_infra)) =
         (current.infrastructure, desired.infrastructure)
     else {
-        return Err(Decision::decline("request has no infrastructure object"));
+        return Err(Decision::decline(
+            "unsupported_object",
+            "request has no infrastructure object",
+        ));
     };
     let image_path = infrastructure_image_path(shape, current_infra, desired_infra)?;
     check_bootstrap_kinds(shape, current.bootstrap, desired.bootstrap)?;
@@ -241,15 +255,19 @@ fn try_decide(
         _ => Vec::new(),
     };
 
-    let message = match version_change {
-        Some(change) => format!(
-            "in-place update: Kubernetes {} to {}",
-            change.from, change.to
+    let (message, reason) = match version_change {
+        Some(change) => (
+            format!(
+                "in-place update: Kubernetes {} to {}",
+                change.from, change.to
+            ),
+            "version_change",
         ),
-        None => "nothing to update in place".to_owned(),
+        None => ("nothing to update in place".to_owned(), "no_change"),
     };
     Ok(Decision {
         message,
+        reason,
         patches: Some(Patches {
             owner: owner_ops,
             infrastructure: infrastructure_ops,
@@ -266,7 +284,10 @@ fn infrastructure_image_path(
 ) -> Result<&'static [&'static str], Decision> {
     let kind = object::kind(current);
     if object::kind(desired) != kind || object::api_group(desired) != object::api_group(current) {
-        return Err(Decision::decline("infrastructure kind changed"));
+        return Err(Decision::decline(
+            "unsupported_object",
+            "infrastructure kind changed",
+        ));
     }
     let image_path = shape
         .infrastructure_kinds
@@ -275,10 +296,13 @@ fn infrastructure_image_path(
         .filter(|_| object::api_group(current) == INFRASTRUCTURE_GROUP)
         .map(|(_, path)| *path)
         .ok_or_else(|| {
-            Decision::decline(format!(
-                "infrastructure kind {} is not supported",
-                printable_kind(kind)
-            ))
+            Decision::decline(
+                "unsupported_object",
+                format!(
+                    "infrastructure kind {} is not supported",
+                    printable_kind(kind)
+                ),
+            )
         })?;
     // A DevMachine may run on other backends (in-memory); only docker containers can be upgraded.
     if image_path.len() > 1 {
@@ -287,7 +311,10 @@ fn infrastructure_image_path(
             let docker =
                 object::get(side, shape.spec_path).and_then(|spec| object::get(spec, backend));
             if !docker.is_some_and(Value::is_object) {
-                return Err(Decision::decline(format!("{kind} backend is not docker")));
+                return Err(Decision::decline(
+                    "unsupported_object",
+                    format!("{kind} backend is not docker"),
+                ));
             }
         }
     }
@@ -305,15 +332,16 @@ fn check_bootstrap_kinds(
             for side in [current, desired] {
                 let kind = object::kind(side);
                 if kind != shape.bootstrap_kind || object::api_group(side) != BOOTSTRAP_GROUP {
-                    return Err(Decision::decline(format!(
-                        "bootstrap kind {} is not supported",
-                        printable_kind(kind)
-                    )));
+                    return Err(Decision::decline(
+                        "unsupported_object",
+                        format!("bootstrap kind {} is not supported", printable_kind(kind)),
+                    ));
                 }
             }
             Ok(())
         }
         _ => Err(Decision::decline(
+            "unsupported_object",
             "bootstrap config is present on one side only",
         )),
     }
@@ -341,9 +369,10 @@ fn owner_version_change(
         object::get(current, shape.spec_path),
         object::get(desired, shape.spec_path),
     ) else {
-        return Err(Decision::decline(format!(
-            "{owner_kind} has no {spec_name}"
-        )));
+        return Err(Decision::decline(
+            "unsupported_object",
+            format!("{owner_kind} has no {spec_name}"),
+        ));
     };
     let current_spec = cleanup_machine_spec(current_spec);
     let desired_spec = cleanup_machine_spec(desired_spec);
@@ -352,10 +381,13 @@ fn owner_version_change(
         if difference.path == ["version"] {
             version_differs = true;
         } else {
-            return Err(Decision::decline(format!(
-                "{owner_kind} {spec_name}.{} changed",
-                difference.path.join(".")
-            )));
+            return Err(Decision::decline(
+                "not_version_change",
+                format!(
+                    "{owner_kind} {spec_name}.{} changed",
+                    difference.path.join(".")
+                ),
+            ));
         }
     }
     if !version_differs {
@@ -364,13 +396,23 @@ fn owner_version_change(
     let parse = |spec: &Value, side: &str| {
         let text = object::get_str(spec, &["version"]).unwrap_or_default();
         KubeVersion::parse(text).map_err(|err| {
-            Decision::decline(format!("{side} {owner_kind} {spec_name}.version is {err}"))
+            Decision::decline(
+                "invalid_version",
+                format!("{side} {owner_kind} {spec_name}.version is {err}"),
+            )
         })
     };
     let from = parse(&current_spec, "current")?;
     let to = parse(&desired_spec, "desired")?;
-    version::check_upgrade(from, to, max_minors)
-        .map_err(|err| Decision::decline(err.to_string()))?;
+    version::check_upgrade(from, to, max_minors).map_err(|err| {
+        let reason = match err {
+            version::Error::Downgrade { .. } => "downgrade",
+            version::Error::TooManyMinors { .. } => "skips_minor",
+            version::Error::MajorChange { .. } => "major_change",
+            version::Error::Malformed => "invalid_version",
+        };
+        Decision::decline(reason, err.to_string())
+    })?;
     let mut path: Vec<&str> = shape.spec_path.to_vec();
     path.push("version");
     let operation = json!({"op": "replace", "path": json_pointer(&path), "value": to.to_string()});
@@ -445,21 +487,25 @@ fn infrastructure_changes(
         object::get(current, shape.spec_path),
         object::get(desired, shape.spec_path),
     ) else {
-        return Err(Decision::decline(format!("{kind} has no {spec_name}")));
+        return Err(Decision::decline(
+            "unsupported_object",
+            format!("{kind} has no {spec_name}"),
+        ));
     };
     let image_name = format!("{kind} {spec_name}.{}", image_path.join("."));
     let mut operations = Vec::new();
     for difference in differences(current_spec, desired_spec) {
         if difference.path != image_path {
-            return Err(Decision::decline(format!(
-                "{kind} {spec_name}.{} changed",
-                difference.path.join(".")
-            )));
+            return Err(Decision::decline(
+                "not_version_change",
+                format!("{kind} {spec_name}.{} changed", difference.path.join(".")),
+            ));
         }
         let Some(change) = version_change else {
-            return Err(Decision::decline(format!(
-                "{image_name} changed without a Kubernetes version change"
-            )));
+            return Err(Decision::decline(
+                "not_version_change",
+                format!("{image_name} changed without a Kubernetes version change"),
+            ));
         };
         let current_image = difference
             .current
@@ -469,19 +515,23 @@ fn infrastructure_changes(
             && kind_image_tag(current_image, &settings.kind_image_repositories)
                 .is_none_or(|tag| KubeVersion::parse(tag).is_err())
         {
-            return Err(Decision::decline(format!(
-                "current {image_name} is not a kind node image"
-            )));
+            return Err(Decision::decline(
+                "unrelated_image",
+                format!("current {image_name} is not a kind node image"),
+            ));
         }
         let desired_tag = difference
             .desired
             .and_then(Value::as_str)
             .and_then(|image| kind_image_tag(image, &settings.kind_image_repositories));
         if desired_tag != Some(change.to.to_string().as_str()) {
-            return Err(Decision::decline(format!(
-                "desired {image_name} is not a kind node image for {}",
-                change.to
-            )));
+            return Err(Decision::decline(
+                "unrelated_image",
+                format!(
+                    "desired {image_name} is not a kind node image for {}",
+                    change.to
+                ),
+            ));
         }
         operations.push(operation(shape.spec_path, &difference));
     }
@@ -522,18 +572,25 @@ fn bootstrap_changes(
         object::get(current, shape.spec_path),
         object::get(desired, shape.spec_path),
     ) else {
-        return Err(Decision::decline(format!("{kind} has no {spec_name}")));
+        return Err(Decision::decline(
+            "unsupported_object",
+            format!("{kind} has no {spec_name}"),
+        ));
     };
     let mut operations = Vec::new();
     for difference in differences(current_spec, desired_spec) {
         let field = format!("{kind} {spec_name}.{}", difference.path.join("."));
         if !is_kubelet_local_mode_toggle(&difference) {
-            return Err(Decision::decline(format!("{field} changed")));
+            return Err(Decision::decline(
+                "not_version_change",
+                format!("{field} changed"),
+            ));
         }
         if version_change.is_none() {
-            return Err(Decision::decline(format!(
-                "{field} changed without a Kubernetes version change"
-            )));
+            return Err(Decision::decline(
+                "not_version_change",
+                format!("{field} changed without a Kubernetes version change"),
+            ));
         }
         operations.push(operation(shape.spec_path, &difference));
     }
@@ -1009,6 +1066,32 @@ mod test {
                 "case {:?}",
                 case.name
             );
+            // The metric label comes from a closed set and agrees with the outcome.
+            const DECLINES: [&str; 8] = [
+                "settings",
+                "unsupported_object",
+                "not_version_change",
+                "unrelated_image",
+                "invalid_version",
+                "downgrade",
+                "skips_minor",
+                "major_change",
+            ];
+            if case.accepted {
+                assert!(
+                    ["version_change", "no_change"].contains(&decision.reason),
+                    "case {:?}: {}",
+                    case.name,
+                    decision.reason
+                );
+            } else {
+                assert!(
+                    DECLINES.contains(&decision.reason),
+                    "case {:?}: {}",
+                    case.name,
+                    decision.reason
+                );
+            }
             // Deterministic: the same input gives the same answer.
             assert_eq!(run(case), decision, "case {:?}", case.name);
         }

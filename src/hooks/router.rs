@@ -71,10 +71,11 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineRequest| async move {
-                        let response = can_update_machine(&request);
+                        let (response, reason) = can_update_machine(&request);
                         log_decision(
                             &state.metrics,
                             Hook::CanUpdateMachine,
+                            reason,
                             request.current.machine.as_ref(),
                             &response.message,
                             response.machine_patch.is_some()
@@ -94,10 +95,11 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineSetRequest| async move {
-                        let response = can_update_machine_set(&request);
+                        let (response, reason) = can_update_machine_set(&request);
                         log_decision(
                             &state.metrics,
                             Hook::CanUpdateMachineSet,
+                            reason,
                             request.current.machine_set.as_ref(),
                             &response.message,
                             response.machine_set_patch.is_some()
@@ -280,15 +282,16 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
 fn log_decision(
     metrics: &Metrics,
     hook: Hook,
+    reason: &'static str,
     owner: Option<&serde_json::Value>,
     message: &str,
     patched: bool,
 ) {
     metrics.hook_request(hook, HookResult::Success);
-    let (outcome, reason) = if patched {
-        (Outcome::InPlace, "version_change")
+    let outcome = if patched {
+        Outcome::InPlace
     } else {
-        (Outcome::Declined, decline_reason(message))
+        Outcome::Declined
     };
     metrics.decision(hook, outcome, reason);
     info!(
@@ -298,24 +301,6 @@ fn log_decision(
         message,
         "answered"
     );
-}
-
-/// A closed set of metric labels for the decline messages of [`super::can_update`], so the
-/// decisions metric says why without carrying free text.
-fn decline_reason(message: &str) -> &'static str {
-    if message.contains("disableInPlaceUpdates") || message.starts_with("invalid setting") {
-        "settings"
-    } else if message.contains("downgrade") {
-        "downgrade"
-    } else if message.contains("minor version") {
-        "skips_minor"
-    } else if message.contains("version") && message.contains("not") {
-        "invalid_version"
-    } else if message.starts_with("request has no") || message.contains("kind") {
-        "unsupported_object"
-    } else {
-        "not_version_change"
-    }
 }
 
 #[cfg(test)]

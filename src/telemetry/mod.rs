@@ -9,7 +9,7 @@
 //! | Metric | Type | Labels | Meaning |
 //! |---|---|---|---|
 //! | `capd_inplace_hook_requests_total` | counter | `hook` (`discovery`, `can-update-machine`, `can-update-machineset`, `update-machine`), `result` (`success`, `failure`, `in-progress`, `done`) | Hook calls answered. `in-progress` and `done` are UpdateMachine's `Success` with and without `retryAfterSeconds`. |
-//! | `capd_inplace_decisions_total` | counter | `hook`, `outcome` (`in_place`, `declined`), `reason` (such as `version_change`, `disabled`, `not_version_change`, `invalid_version`, `downgrade`, `skips_minor`, `unsupported_object`) | What the CanUpdate hooks decided and why. A decline makes CAPI roll the Machine out instead. |
+//! | `capd_inplace_decisions_total` | counter | `hook`, `outcome` (`in_place`, `declined`), `reason` (`version_change`, `no_change`, `settings`, `unsupported_object`, `not_version_change`, `unrelated_image`, `invalid_version`, `downgrade`, `skips_minor`, `major_change`) | What the CanUpdate hooks decided and why. A decline makes CAPI roll the Machine out instead. |
 //! | `capd_inplace_upgrades_started_total` | counter | | Node upgrades started. |
 //! | `capd_inplace_upgrades_succeeded_total` | counter | | Node upgrades that completed and verified. |
 //! | `capd_inplace_upgrades_failed_total` | counter | `step` (a step id such as `kubeadm-upgrade`) | Upgrade attempts that failed, by failing step. Every step's series exists from the start at 0. |
