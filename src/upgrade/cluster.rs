@@ -16,9 +16,10 @@ use tokio::sync::watch;
 use super::jobs::Progress;
 use super::journal::{self, Journal};
 use super::plan::{KubeadmMode, SkewError};
-use super::run::{Engine, NodeTarget, Options, Outcome, Preview, exec_ok};
+use super::run::{Engine, NodeTarget, Options, Outcome, Preview, exec_ok, tool_version};
 use super::step::Step;
 use super::{Error, StepError, facts};
+use crate::artifacts::Binary;
 use crate::node::{Command, Docker, DockerNode, NodeExec, Role};
 use crate::version::KubeVersion;
 
@@ -259,15 +260,10 @@ pub async fn status(docker: &Docker, cluster: &str) -> Result<Vec<NodeReport>, E
     let mut reports = Vec::with_capacity(nodes.len());
     for node in &nodes {
         let object = node_objects.iter().find(|n| n.name == node.name());
-        let kubeadm = exec_ok(
-            node,
-            Command::new(["kubeadm", "version", "-o", "short"]),
-            quick,
-        )
-        .await
-        .ok()
-        .and_then(|out| facts::kubeadm_version(&out).ok())
-        .map(|v| v.to_string());
+        let kubeadm = tool_version(node, Binary::Kubeadm, "kubeadm", quick)
+            .await
+            .ok()
+            .map(|v| v.to_string());
         reports.push(NodeReport {
             node: node.name().to_string(),
             role: node.role(),

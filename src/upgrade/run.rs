@@ -428,25 +428,9 @@ impl<'a> Session<'a> {
             .await?
             .trim()
             .parse()?;
-        let kubeadm = facts::kubeadm_version(
-            &exec_ok(
-                &node,
-                Command::new(["kubeadm", "version", "-o", "short"]),
-                quick,
-            )
-            .await?,
-        )?;
-        let kubelet = facts::kubelet_version(
-            &exec_ok(&node, Command::new(["kubelet", "--version"]), quick).await?,
-        )?;
-        let kubectl = facts::kubectl_client_version(
-            &exec_ok(
-                &node,
-                Command::new(["kubectl", "version", "--client", "-o", "json"]),
-                quick,
-            )
-            .await?,
-        )?;
+        let kubeadm = tool_version(&node, Binary::Kubeadm, "kubeadm", quick).await?;
+        let kubelet = tool_version(&node, Binary::Kubelet, "kubelet", quick).await?;
+        let kubectl = tool_version(&node, Binary::Kubectl, "kubectl", quick).await?;
 
         let control_planes: Vec<DockerNode> = engine
             .docker
@@ -511,16 +495,10 @@ impl<'a> Session<'a> {
         let binaries_at_target = kubeadm == version && kubelet == version && kubectl == version;
         if binaries_at_target && !session.journal.cordoned_by_us {
             let status = session.node_status().await?;
-            let kind_version = exec_ok(
-                &session.node,
-                Command::new(["cat", KIND_VERSION_FILE]),
-                quick,
-            )
-            .await
-            .unwrap_or_default();
+            let kind_version = session.read_trimmed(KIND_VERSION_FILE).await?;
             if status.ready
                 && status.kubelet_version == version.to_string()
-                && kind_version.trim() == version.to_string()
+                && kind_version.as_deref() == Some(version.to_string().as_str())
             {
                 session.already_at_target = true;
             }
@@ -693,27 +671,20 @@ impl<'a> Session<'a> {
                 }
                 // The right bytes must also be the right program: ask each staged binary its version.
                 let quick = self.engine.timeouts.command;
-                let kubeadm = facts::kubeadm_version(
-                    &exec_ok(
-                        &self.node,
-                        Command::new([
-                            self.paths.staged("kubeadm").as_str(),
-                            "version",
-                            "-o",
-                            "short",
-                        ]),
-                        quick,
-                    )
-                    .await?,
-                )?;
-                let kubelet = facts::kubelet_version(
-                    &exec_ok(
-                        &self.node,
-                        Command::new([self.paths.staged("kubelet").as_str(), "--version"]),
-                        quick,
-                    )
-                    .await?,
-                )?;
+                let kubeadm = tool_version(
+                    &self.node,
+                    Binary::Kubeadm,
+                    &self.paths.staged("kubeadm"),
+                    quick,
+                )
+                .await?;
+                let kubelet = tool_version(
+                    &self.node,
+                    Binary::Kubelet,
+                    &self.paths.staged("kubelet"),
+                    quick,
+                )
+                .await?;
                 if kubeadm != v || kubelet != v {
                     return Err(Error::Verify(format!(
                         "the staged binaries report {kubeadm} and {kubelet}, not {v}"
@@ -861,17 +832,11 @@ impl<'a> Session<'a> {
     }
 
     /// Swaps staged binaries into /usr/bin by atomic rename, keeping the first replaced copy of
-    /// each in the journal directory. The staged file is re-verified right before, so nothing is
-    /// installed that does not match its published digest.
+    /// each in the journal directory. Every attempt runs the stage step first, which hashes the
+    /// staged files against their published digests (and re-stages on a mismatch), so nothing is
+    /// installed that does not match; hashing them again here would only repeat that work.
     async fn install(&mut self, binaries: &[Binary]) -> Result<()> {
         let quick = self.engine.timeouts.command;
-        self.expected_digests().await?;
-        if !self.staged_digests_match().await? {
-            return Err(Error::Verify(
-                "a staged binary no longer matches its published sha256; it will be staged again"
-                    .into(),
-            ));
-        }
         let prev = self.paths.prev_dir();
         for binary in binaries {
             let name = binary.name();
@@ -885,26 +850,21 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// The version the installed `binary` reports, or `None` if it does not run or answers
+    /// something unexpected (a half-replaced or foreign binary is simply "not at target").
     async fn installed_version(&self, binary: Binary) -> Result<Option<KubeVersion>> {
-        let argv: &[&str] = match binary {
-            Binary::Kubeadm => &["kubeadm", "version", "-o", "short"],
-            Binary::Kubelet => &["kubelet", "--version"],
-            Binary::Kubectl => &["kubectl", "version", "--client", "-o", "json"],
-        };
-        let output = self
-            .node
-            .exec(Command::new(argv.iter().copied()).timeout(self.engine.timeouts.command))
-            .await?;
-        if output.exit_code != 0 {
-            return Ok(None);
+        match tool_version(
+            &self.node,
+            binary,
+            binary.name(),
+            self.engine.timeouts.command,
+        )
+        .await
+        {
+            Ok(version) => Ok(Some(version)),
+            Err(Error::Node(crate::node::Error::Exec { .. }) | Error::Parse(_)) => Ok(None),
+            Err(other) => Err(other),
         }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        Ok(match binary {
-            Binary::Kubeadm => facts::kubeadm_version(&stdout),
-            Binary::Kubelet => facts::kubelet_version(&stdout),
-            Binary::Kubectl => facts::kubectl_client_version(&stdout),
-        }
-        .ok())
     }
 
     // ----- kubeadm -----
@@ -1156,6 +1116,32 @@ cp -an "$installed" "$backup"
 install -m 0755 "$staged" "$incoming"
 mv -f "$incoming" "$installed"
 "#;
+
+/// Asks `program` (a path or name of a kubeadm, kubelet or kubectl binary) for its version,
+/// with the command and output format that tool's real version prints.
+pub(super) async fn tool_version(
+    node: &DockerNode,
+    binary: Binary,
+    program: &str,
+    timeout: Duration,
+) -> Result<KubeVersion> {
+    let args: &[&str] = match binary {
+        Binary::Kubeadm => &["version", "-o", "short"],
+        Binary::Kubelet => &["--version"],
+        Binary::Kubectl => &["version", "--client", "-o", "json"],
+    };
+    let stdout = exec_ok(
+        node,
+        Command::new([program]).args(args.iter().copied()),
+        timeout,
+    )
+    .await?;
+    Ok(match binary {
+        Binary::Kubeadm => facts::kubeadm_version(&stdout),
+        Binary::Kubelet => facts::kubelet_version(&stdout),
+        Binary::Kubectl => facts::kubectl_client_version(&stdout),
+    }?)
+}
 
 /// The `kubernetesVersion` of the cluster's kubeadm-config, read on a control-plane node.
 async fn cluster_version(control_plane: &DockerNode, timeout: Duration) -> Result<KubeVersion> {
