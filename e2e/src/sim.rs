@@ -22,14 +22,16 @@ use bollard::models::{
     NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    UploadToContainerOptions,
+    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    RemoveVolumeOptions, UploadToContainerOptions,
 };
+pub use capd_inplace_simnode::mirror::Served;
 pub use capd_inplace_simnode::state::Fault;
 pub use capd_inplace_simnode::version::Version;
 use futures::StreamExt;
 use serde_json::Value;
 
+pub use crate::sim_artifacts::ArtifactSizes;
 use crate::sim_artifacts::{self, append, tail};
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +192,13 @@ pub async fn connect() -> Result<Docker> {
         .map_err(|e| Error::docker("negotiate API version", e))
 }
 
+/// Launcher choices beyond the cluster's shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// What the mirror publishes. The nodes' own binaries are always the plain ones.
+    pub artifact_sizes: ArtifactSizes,
+}
+
 impl SimCluster {
     /// Creates and boots a cluster of `control_planes` + `workers` nodes at `version`, inits and
     /// joins it through the stand-ins, and waits until every Node is Ready at that version.
@@ -198,6 +207,17 @@ impl SimCluster {
         control_planes: usize,
         workers: usize,
         version: &str,
+    ) -> Result<SimCluster> {
+        Self::up_with(name, control_planes, workers, version, Options::default()).await
+    }
+
+    /// [`SimCluster::up`] with [`Options`].
+    pub async fn up_with(
+        name: &str,
+        control_planes: usize,
+        workers: usize,
+        version: &str,
+        options: Options,
     ) -> Result<SimCluster> {
         validate_name(name)?;
         if control_planes == 0 {
@@ -210,9 +230,11 @@ impl SimCluster {
         let simnode = sim_artifacts::simnode_binary()?;
         let tree = {
             let simnode = simnode.clone();
-            tokio::task::spawn_blocking(move || sim_artifacts::ensure_mirror_tree(&simnode))
-                .await
-                .map_err(|e| Error::Artifacts(format!("mirror tree task: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                sim_artifacts::ensure_sized_mirror_tree(&simnode, options.artifact_sizes)
+            })
+            .await
+            .map_err(|e| Error::Artifacts(format!("mirror tree task: {e}")))??
         };
         let image = sim_artifacts::node_image(&docker, &simnode, &version).await?;
         let layout = sim_artifacts::layout_image().await?;
@@ -535,6 +557,42 @@ impl SimCluster {
             0o644,
         )
         .await
+    }
+
+    /// Every answer the mirror gave so far, oldest first, from the line it logs per response.
+    /// A line is written just after its response and the Engine collects logs asynchronously,
+    /// so the log is read until two reads a moment apart agree (for at most about 5 s: a mirror
+    /// still serving never settles).
+    pub async fn mirror_served(&self) -> Result<Vec<Served>> {
+        let mut last = self.mirror_log().await?;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = self.mirror_log().await?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Ok(last)
+    }
+
+    async fn mirror_log(&self) -> Result<Vec<Served>> {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let mut logs = self.docker.logs(&self.mirror.container, Some(options));
+        let mut text = Vec::new();
+        while let Some(chunk) = logs.next().await {
+            let chunk = chunk
+                .map_err(|e| Error::docker(format!("logs of {}", self.mirror.container), e))?;
+            text.extend_from_slice(&chunk.into_bytes());
+        }
+        Ok(String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(Served::parse)
+            .collect())
     }
 
     /// `docker restart` of one node (systemd halts and boots again; the kubelet comes back).

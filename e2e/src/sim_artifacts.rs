@@ -1,9 +1,11 @@
 //! The simulated node's artifacts: the simnode binary stamped once per version and tool, the
-//! dl.k8s.io-shaped mirror tree made from them, and the per-version node images (kind's layout
-//! image plus `/usr/bin/kube{adm,let,ctl}` and `/kind/version`). Everything is cached by content
-//! hash, so a second run reuses it.
+//! dl.k8s.io-shaped mirror tree made from them (optionally padded to the sizes of the real
+//! binaries), and the per-version node images (kind's layout image plus
+//! `/usr/bin/kube{adm,let,ctl}` and `/kind/version`). Everything is cached by content hash, so a
+//! second run reuses it.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use bollard::Docker;
@@ -63,8 +65,55 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The bytes of `tool` at `version`: the plain binary plus its trailer.
 pub fn stamped(simnode: &[u8], version: &Version, tool: &str) -> Vec<u8> {
     let mut bytes = simnode.to_vec();
-    bytes.extend(trailer(version, Some(tool), 0));
+    bytes.extend(trailer(version, Some(tool)));
     bytes
+}
+
+/// The sizes of the binaries the mirror publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArtifactSizes {
+    /// The stamped simnode binary as it is (a few megabytes).
+    #[default]
+    Plain,
+    /// Zero bytes between the binary and its trailer bring each file to exactly this many bytes.
+    /// The kernel loads only the ELF segments, so a padded file still runs; moving it costs what
+    /// moving a real binary of that size costs.
+    Padded {
+        kubeadm: u64,
+        kubelet: u64,
+        kubectl: u64,
+    },
+}
+
+impl ArtifactSizes {
+    /// Roughly the linux/amd64 release binaries of v1.30 to v1.33.
+    pub const REAL: ArtifactSizes = ArtifactSizes::Padded {
+        kubeadm: 70_000_000,
+        kubelet: 80_000_000,
+        kubectl: 55_000_000,
+    };
+
+    /// The size `tool` is padded to, if any.
+    pub fn padded_size(self, tool: &str) -> Option<u64> {
+        match (self, tool) {
+            (ArtifactSizes::Plain, _) => None,
+            (ArtifactSizes::Padded { kubeadm, .. }, "kubeadm") => Some(kubeadm),
+            (ArtifactSizes::Padded { kubelet, .. }, "kubelet") => Some(kubelet),
+            (ArtifactSizes::Padded { kubectl, .. }, _) => Some(kubectl),
+        }
+    }
+
+    /// The cache entry holding a tree of these sizes.
+    fn tree_name(self) -> String {
+        match self {
+            ArtifactSizes::Plain => "mirror".into(),
+            ArtifactSizes::Padded {
+                kubeadm,
+                kubelet,
+                kubectl,
+            } => format!("mirror-padded-{kubeadm}-{kubelet}-{kubectl}"),
+        }
+    }
 }
 
 /// A cache directory keyed by the simnode binary's hash, beside the binary.
@@ -75,13 +124,18 @@ fn cache_dir(simnode: &Path, bytes: &[u8]) -> PathBuf {
         .join(&sha256_hex(bytes)[..12])
 }
 
-/// Makes (once) the mirror tree `<dir>/release/<v>/bin/linux/amd64/<tool>{,.sha256}` for every
-/// [`MIRROR_VERSIONS`] entry and returns `<dir>`. Built in a temporary directory and renamed into
-/// place, so concurrent test processes never see half a tree.
+/// [`ensure_sized_mirror_tree`] with the plain binaries.
 pub fn ensure_mirror_tree(simnode: &Path) -> Result<PathBuf> {
+    ensure_sized_mirror_tree(simnode, ArtifactSizes::Plain)
+}
+
+/// Makes (once) the mirror tree `<dir>/release/<v>/bin/linux/amd64/<tool>{,.sha256}` for every
+/// [`MIRROR_VERSIONS`] entry, with files of `sizes`, and returns `<dir>`. Built in a temporary
+/// directory and renamed into place, so concurrent test processes never see half a tree.
+pub fn ensure_sized_mirror_tree(simnode: &Path, sizes: ArtifactSizes) -> Result<PathBuf> {
     let bytes = std::fs::read(simnode).map_err(io(simnode))?;
     let cache = cache_dir(simnode, &bytes);
-    let tree = cache.join("mirror");
+    let tree = cache.join(sizes.tree_name());
     if tree.join("release").is_dir() {
         return Ok(tree);
     }
@@ -89,22 +143,33 @@ pub fn ensure_mirror_tree(simnode: &Path) -> Result<PathBuf> {
     // Unique per call, not only per process: test threads of one process build it concurrently.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = cache.join(format!(
-        "mirror.tmp.{}.{}",
+        "{}.tmp.{}.{}",
+        sizes.tree_name(),
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    for v in MIRROR_VERSIONS {
-        let version = Version::parse(v).map_err(|e| Error::Artifacts(e.to_string()))?;
-        let dir = tmp.join("release").join(v).join("bin/linux").join(ARCH);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        for tool in TOOLS {
-            let body = stamped(&bytes, &version, tool);
-            let file = dir.join(tool);
-            write_file(&file, &body, 0o755)?;
+    let versions = MIRROR_VERSIONS
+        .iter()
+        .map(|v| Version::parse(v).map_err(|e| Error::Artifacts(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    for tool in TOOLS {
+        let digests = match sizes.padded_size(tool) {
+            None => versions
+                .iter()
+                .map(|version| {
+                    let body = stamped(&bytes, version, tool);
+                    write_file(&tmp_binary(&tmp, version, tool)?, &body, 0o755)?;
+                    Ok(sha256_hex(&body))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Some(size) => write_padded(&tmp, &bytes, &versions, tool, size)?,
+        };
+        for (version, digest) in versions.iter().zip(digests) {
+            let file = tmp_binary(&tmp, version, tool)?;
             write_file(
-                &dir.join(format!("{tool}.sha256")),
-                sha256_hex(&body).as_bytes(),
+                &file.with_file_name(format!("{tool}.sha256")),
+                digest.as_bytes(),
                 0o644,
             )?;
         }
@@ -125,8 +190,74 @@ pub fn ensure_mirror_tree(simnode: &Path) -> Result<PathBuf> {
     Ok(tree)
 }
 
+/// `<tree>/release/<version>/bin/linux/<arch>/<tool>`, its directory created.
+fn tmp_binary(tree: &Path, version: &Version, tool: &str) -> Result<PathBuf> {
+    let dir = tree
+        .join("release")
+        .join(version.to_string())
+        .join("bin/linux")
+        .join(ARCH);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    Ok(dir.join(tool))
+}
+
+/// Writes `tool` for every version as the binary, zeros up to `size` minus the trailer, and the
+/// trailer, and returns their sha256 digests. The zeros are a hole in the file, so a tree of
+/// twelve versions takes little disk; the digests share the hash of the common prefix, so the
+/// padding is hashed about once per tool rather than once per file.
+fn write_padded(
+    tree: &Path,
+    simnode: &[u8],
+    versions: &[Version],
+    tool: &str,
+    size: u64,
+) -> Result<Vec<String>> {
+    let tags: Vec<Vec<u8>> = versions.iter().map(|v| trailer(v, Some(tool))).collect();
+    let longest = tags.iter().map(Vec::len).max().unwrap_or(0) as u64;
+    let Some(shared_zeros) = size.checked_sub(simnode.len() as u64 + longest) else {
+        return Err(Error::InvalidArgument(format!(
+            "{tool} cannot be padded to {size} bytes: the stamped binary alone is larger"
+        )));
+    };
+    let mut prefix = Sha256::new();
+    prefix.update(simnode);
+    hash_zeros(&mut prefix, shared_zeros);
+    versions
+        .iter()
+        .zip(&tags)
+        .map(|(version, tag)| {
+            let path = tmp_binary(tree, version, tool)?;
+            let zeros = size - simnode.len() as u64 - tag.len() as u64;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o755)
+                .open(&path)
+                .map_err(io(&path))?;
+            file.write_all(simnode).map_err(io(&path))?;
+            file.set_len(simnode.len() as u64 + zeros)
+                .map_err(io(&path))?;
+            file.seek(SeekFrom::End(0)).map_err(io(&path))?;
+            file.write_all(tag).map_err(io(&path))?;
+            let mut hasher = prefix.clone();
+            hash_zeros(&mut hasher, zeros - shared_zeros);
+            hasher.update(tag);
+            Ok(hex::encode(hasher.finalize()))
+        })
+        .collect()
+}
+
+fn hash_zeros(hasher: &mut Sha256, mut count: u64) {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    while count > 0 {
+        let n = count.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        count -= n as u64;
+    }
+}
+
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -267,5 +398,47 @@ mod tests {
                 assert_eq!(stamp.tool.as_deref(), Some(tool));
             }
         }
+    }
+
+    #[test]
+    fn padded_tree_has_exact_sizes_zeros_and_matching_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("simnode");
+        let plain = b"\x7fELF fake simnode".to_vec();
+        std::fs::write(&bin, &plain).unwrap();
+        let sizes = ArtifactSizes::Padded {
+            kubeadm: 300_000,
+            kubelet: 200_001,
+            kubectl: 100_000,
+        };
+        let tree = ensure_sized_mirror_tree(&bin, sizes).unwrap();
+        assert_ne!(tree, ensure_mirror_tree(&bin).unwrap());
+        for v in MIRROR_VERSIONS {
+            for tool in TOOLS {
+                let file = tree.join(format!("release/{v}/bin/linux/amd64/{tool}"));
+                let body = std::fs::read(&file).unwrap();
+                assert_eq!(
+                    Some(body.len() as u64),
+                    sizes.padded_size(tool),
+                    "{v} {tool}"
+                );
+                let sha =
+                    std::fs::read_to_string(file.with_file_name(format!("{tool}.sha256"))).unwrap();
+                assert_eq!(sha, sha256_hex(&body), "{v} {tool}");
+                let tag = trailer(&Version::parse(v).unwrap(), Some(tool));
+                assert!(body.starts_with(&plain) && body.ends_with(&tag));
+                assert!(
+                    body[plain.len()..body.len() - tag.len()]
+                        .iter()
+                        .all(|b| *b == 0)
+                );
+            }
+        }
+        let too_small = ArtifactSizes::Padded {
+            kubeadm: 10,
+            kubelet: 10,
+            kubectl: 10,
+        };
+        assert!(ensure_sized_mirror_tree(&bin, too_small).is_err());
     }
 }

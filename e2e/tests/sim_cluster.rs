@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use capd_inplace_e2e::sim::{ExecOutput, Fault, SimCluster, Version};
+use capd_inplace_e2e::sim::{ArtifactSizes, ExecOutput, Fault, Options, SimCluster, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn unique(prefix: &str) -> String {
@@ -214,6 +214,69 @@ async fn cluster_comes_up_and_kubectl_restart_and_mirror_behave() {
         .wait_nodes_ready(&Version::parse("v1.31.4").unwrap(), Duration::from_secs(30))
         .await
         .unwrap();
+    cluster.down().await.unwrap();
+}
+
+/// The mirror's padded artifacts have the real sizes, still run as the tool and version they
+/// were published as, match their `.sha256`, and every byte served is in the mirror's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_size_artifacts_run_and_the_mirror_counts_what_it_served() {
+    let options = Options {
+        artifact_sizes: ArtifactSizes::REAL,
+    };
+    let cluster = SimCluster::up_with(&unique("simt-p"), 1, 0, "v1.31.4", options)
+        .await
+        .unwrap();
+    let node = cluster.control_plane().name.clone();
+    let served_before = cluster.mirror_served().await.unwrap().len();
+    let url = format!(
+        "{}/v1.32.3/bin/linux/amd64/kubelet",
+        cluster.mirror().network_url
+    );
+    let path = "/var/tmp/kubelet"; // /tmp is a noexec tmpfs, as in kind
+    assert_ok(
+        &cluster
+            .exec(&node, &["curl", "-fsS", "-o", path, &url])
+            .await
+            .unwrap(),
+        "curl kubelet",
+    );
+    let published = cluster
+        .exec(&node, &["curl", "-fsS", &format!("{url}.sha256")])
+        .await
+        .unwrap()
+        .stdout;
+    let size = cluster
+        .exec(&node, &["stat", "-c", "%s", path])
+        .await
+        .unwrap()
+        .stdout;
+    assert_eq!(size.trim(), "80000000");
+    let sum = cluster
+        .exec(&node, &["sha256sum", path])
+        .await
+        .unwrap()
+        .stdout;
+    assert_eq!(sum.split_whitespace().next(), Some(published.trim()));
+    assert_ok(
+        &cluster.exec(&node, &["chmod", "0755", path]).await.unwrap(),
+        "chmod",
+    );
+    let version = cluster.exec(&node, &[path, "--version"]).await.unwrap();
+    assert_eq!(version.stdout, "Kubernetes v1.32.3\n");
+
+    let served = cluster.mirror_served().await.unwrap();
+    let new: Vec<(&str, u16, u64)> = served[served_before..]
+        .iter()
+        .map(|s| (s.target.as_str(), s.status, s.body_bytes))
+        .collect();
+    assert_eq!(
+        new,
+        [
+            ("/release/v1.32.3/bin/linux/amd64/kubelet", 200, 80_000_000),
+            ("/release/v1.32.3/bin/linux/amd64/kubelet.sha256", 200, 64),
+        ]
+    );
     cluster.down().await.unwrap();
 }
 

@@ -19,16 +19,14 @@ pub struct Stamp {
     pub tool: Option<String>,
 }
 
-/// The bytes to append to the plain simnode binary: `padding` filler bytes (to make
-/// artifacts of a given size for benchmarks), then the trailer.
-pub fn trailer(version: &Version, tool: Option<&str>, padding: usize) -> Vec<u8> {
-    let mut out = vec![0u8; padding];
+/// The bytes to append to the plain simnode binary, directly or after padding bytes (which
+/// make artifacts of a given size for benchmarks: only the end of the file is read).
+pub fn trailer(version: &Version, tool: Option<&str>) -> Vec<u8> {
     let tag = match tool {
         Some(tool) => format!("{PREFIX}{version}:{tool}{SUFFIX}"),
         None => format!("{PREFIX}{version}{SUFFIX}"),
     };
-    out.extend_from_slice(tag.as_bytes());
-    out
+    tag.into_bytes()
 }
 
 /// Finds the trailer at the very end of `tail`.
@@ -74,7 +72,7 @@ mod tests {
     #[test]
     fn trailer_round_trips_with_and_without_tool() {
         let mut bin = b"\x7fELF...code...".to_vec();
-        bin.extend(trailer(&v("v1.31.4"), None, 0));
+        bin.extend(trailer(&v("v1.31.4"), None));
         assert_eq!(
             parse_tail(&bin),
             Some(Stamp {
@@ -84,7 +82,8 @@ mod tests {
         );
 
         let mut bin = b"\x7fELF".to_vec();
-        bin.extend(trailer(&v("v1.32.0"), Some("kubelet"), 1000));
+        bin.extend([0u8; 1000]);
+        bin.extend(trailer(&v("v1.32.0"), Some("kubelet")));
         let stamp = parse_tail(&bin[bin.len() - 200..]).unwrap();
         assert_eq!(stamp.version, v("v1.32.0"));
         assert_eq!(stamp.tool.as_deref(), Some("kubelet"));
@@ -102,8 +101,8 @@ mod tests {
     fn stamp_is_read_from_a_file_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kubeadm");
-        let mut bytes = vec![7u8; 10_000];
-        bytes.extend(trailer(&v("v1.30.6"), Some("kubeadm"), 300));
+        let mut bytes = vec![7u8; 10_300];
+        bytes.extend(trailer(&v("v1.30.6"), Some("kubeadm")));
         std::fs::write(&path, bytes).unwrap();
         let stamp = read_stamp(&path).unwrap().unwrap();
         assert_eq!(stamp.version, v("v1.30.6"));

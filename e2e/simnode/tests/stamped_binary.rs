@@ -13,7 +13,9 @@ use capd_inplace_simnode::version::Version;
 fn publish(dir: &Path, name: &str, version: &str, tool: Option<&str>) -> std::path::PathBuf {
     let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_simnode")).unwrap();
     if let Some(tool) = tool {
-        bytes.extend(trailer(&Version::parse(version).unwrap(), Some(tool), 64));
+        // Padding between the binary and the trailer, as in the mirror's padded artifacts.
+        bytes.extend([0u8; 64]);
+        bytes.extend(trailer(&Version::parse(version).unwrap(), Some(tool)));
     }
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
