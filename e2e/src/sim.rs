@@ -267,34 +267,29 @@ impl SimCluster {
             .map(|i| (control_plane_name(name, i), Role::ControlPlane))
             .collect();
         specs.extend((0..workers).map(|i| (worker_name(name, i), Role::Worker)));
-        let created = futures::future::join_all(
-            specs
-                .iter()
-                .map(|(node, role)| create_node(&docker, name, node, *role, &image)),
-        )
+        // Each node boots and gets its kubeadm config as soon as it exists, so the first nodes'
+        // systemd boots while the Engine is still creating the last ones.
+        let booted = futures::future::join_all(specs.iter().map(|(node, role)| {
+            let (docker, image, version) = (&docker, &image, &version);
+            async move {
+                let node = create_node(docker, name, node, *role, image).await?;
+                wait_for_systemd(docker, &node.name).await?;
+                let config = kubeadm_config(name, &node, version);
+                upload_file(
+                    docker,
+                    &node.name,
+                    "/kind",
+                    "kubeadm.conf",
+                    config.as_bytes(),
+                    0o644,
+                )
+                .await?;
+                Ok::<_, Error>(node)
+            }
+        }))
         .await;
-        for result in created {
+        for result in booted {
             cluster.nodes.push(result?);
-        }
-        futures::future::try_join_all(
-            cluster
-                .nodes
-                .iter()
-                .map(|n| wait_for_systemd(&docker, &n.name)),
-        )
-        .await?;
-
-        for node in &cluster.nodes {
-            let config = kubeadm_config(name, node, &version);
-            upload_file(
-                &docker,
-                &node.name,
-                "/kind",
-                "kubeadm.conf",
-                config.as_bytes(),
-                0o644,
-            )
-            .await?;
         }
         let first = cluster.nodes[0].name.clone();
         cluster
@@ -910,15 +905,22 @@ async fn start_mirror(
     })
 }
 
+/// Waits until systemd in `node` has finished booting. One blocking `is-system-running --wait`
+/// per attempt instead of a poll every few hundred milliseconds: with tens of nodes booting at
+/// once on a small machine, the polling execs took the CPU the boots needed.
 async fn wait_for_systemd(docker: &Docker, node: &str) -> Result<()> {
     let timeout = Duration::from_secs(60);
     let start = Instant::now();
     loop {
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
+        // Fails at once while the container's systemd is not reachable yet; then retried.
         if let Ok(out) = exec_in(
             docker,
             node,
-            &["systemctl", "is-system-running"],
-            Duration::from_secs(10),
+            &["systemctl", "is-system-running", "--wait"],
+            left,
         )
         .await
         {
