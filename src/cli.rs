@@ -74,6 +74,7 @@ pub fn print_results(results: &[NodeResult], output: Output) -> anyhow::Result<(
                     let outcome = match &r.outcome {
                         NodeOutcome::AlreadyAtTarget => "already at target".to_string(),
                         NodeOutcome::Upgraded => "upgraded".to_string(),
+                        NodeOutcome::Staged => "staged".to_string(),
                         NodeOutcome::Failed { message } => format!("FAILED: {message}"),
                         NodeOutcome::Skipped => "skipped (a control-plane node failed)".to_string(),
                         NodeOutcome::WouldUpgrade {

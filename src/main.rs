@@ -1,5 +1,5 @@
-//! The `capd-inplace` command line: `serve` runs the Runtime Extension; `upgrade` and `status`
-//! work on a CAPD or kind cluster directly; `version` prints the version.
+//! The `capd-inplace` command line: `serve` runs the Runtime Extension; `upgrade`, `stage` and
+//! `status` work on a CAPD or kind cluster directly; `version` prints the version.
 //! Startup only: install the rustls crypto provider, parse the arguments, start logging, dispatch.
 
 mod cli;
@@ -48,6 +48,8 @@ enum Command {
     Serve(ServeArgs),
     /// Upgrade every node of a CAPD or kind cluster in place: control planes one at a time, then workers.
     Upgrade(UpgradeArgs),
+    /// Place a version's binaries in every node ahead of an upgrade, changing nothing that runs.
+    Stage(StageArgs),
     /// Show each node's versions, state and upgrade progress.
     Status(StatusArgs),
     /// Print the version.
@@ -107,6 +109,32 @@ struct UpgradeArgs {
     /// Minor versions a worker may cross in one upgrade (1 to 3).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3))]
     worker_max_minor_skew: u64,
+
+    #[command(flatten)]
+    artifacts: ArtifactArgs,
+
+    /// Result format on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    output: cli::Output,
+}
+
+#[derive(Debug, Args)]
+struct StageArgs {
+    /// The cluster: the value of the io.x-k8s.kind.cluster label on its node containers.
+    #[arg(long)]
+    cluster: String,
+
+    /// Kubernetes version to stage, vMAJOR.MINOR.PATCH.
+    #[arg(long)]
+    to: String,
+
+    /// How many nodes to stage at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=64))]
+    parallel: u64,
+
+    /// Nodes download the binaries themselves with curl from --artifact-url (which they must reach).
+    #[arg(long)]
+    fetch_in_node: bool,
 
     #[command(flatten)]
     artifacts: ArtifactArgs,
@@ -202,6 +230,10 @@ fn main() -> anyhow::Result<()> {
             telemetry::init(cli.log_format, telemetry::CLI_FILTER)?;
             runtime()?.block_on(upgrade(args))
         }
+        Command::Stage(args) => {
+            telemetry::init(cli.log_format, telemetry::CLI_FILTER)?;
+            runtime()?.block_on(stage(args))
+        }
         Command::Status(args) => {
             telemetry::init(cli.log_format, telemetry::CLI_FILTER)?;
             runtime()?.block_on(status(args))
@@ -222,22 +254,54 @@ fn user_cache_dir() -> PathBuf {
         .join("capd-inplace")
 }
 
+/// Where the CLI's binaries come from: the nodes themselves, or the user's verified cache.
+async fn cli_source(artifacts: &ArtifactArgs, fetch_in_node: bool) -> anyhow::Result<Source> {
+    Ok(if fetch_in_node {
+        Source::FetchInNode {
+            base_url: artifacts.artifact_url.clone(),
+        }
+    } else {
+        Source::Upload(artifacts.open(user_cache_dir()).await?.get(None).await?)
+    })
+}
+
+/// Fails the command when any node did not get where it was asked to go.
+fn exit_status(results: &[cluster::NodeResult], goal: &str) -> anyhow::Result<()> {
+    let failed = results
+        .iter()
+        .filter(|r| r.outcome.is_failure() || matches!(r.outcome, cluster::NodeOutcome::Skipped))
+        .count();
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} nodes did not {goal}; run the same command again to resume",
+            results.len()
+        );
+    }
+    Ok(())
+}
+
+async fn stage(args: StageArgs) -> anyhow::Result<()> {
+    let version =
+        KubeVersion::parse(&args.to).context("--to must be a vMAJOR.MINOR.PATCH version")?;
+    let options = Options::new(cli_source(&args.artifacts, args.fetch_in_node).await?);
+    let engine = Engine::new(Docker::connect().await?, Timeouts::default());
+    let results = cluster::stage(
+        &engine,
+        &args.cluster,
+        version,
+        &options,
+        usize::try_from(args.parallel).unwrap_or(1),
+        cli::progress_reporter(),
+    )
+    .await?;
+    cli::print_results(&results, args.output)?;
+    exit_status(&results, &format!("stage {version}"))
+}
+
 async fn upgrade(args: UpgradeArgs) -> anyhow::Result<()> {
     let version =
         KubeVersion::parse(&args.to).context("--to must be a vMAJOR.MINOR.PATCH version")?;
-    let source = if args.fetch_in_node {
-        Source::FetchInNode {
-            base_url: args.artifacts.artifact_url.clone(),
-        }
-    } else {
-        Source::Upload(
-            args.artifacts
-                .open(user_cache_dir())
-                .await?
-                .get(None)
-                .await?,
-        )
-    };
+    let source = cli_source(&args.artifacts, args.fetch_in_node).await?;
     let mut options = Options::new(source);
     options.drain = !args.no_drain;
     options.drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
@@ -254,17 +318,7 @@ async fn upgrade(args: UpgradeArgs) -> anyhow::Result<()> {
     )
     .await?;
     cli::print_results(&results, args.output)?;
-    let failed = results
-        .iter()
-        .filter(|r| r.outcome.is_failure() || matches!(r.outcome, cluster::NodeOutcome::Skipped))
-        .count();
-    if failed > 0 {
-        anyhow::bail!(
-            "{failed} of {} nodes did not reach {version}; run the same command again to resume",
-            results.len()
-        );
-    }
-    Ok(())
+    exit_status(&results, &format!("reach {version}"))
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {

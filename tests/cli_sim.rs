@@ -1,4 +1,4 @@
-//! The standalone CLI (`capd-inplace upgrade` and `status`) as a user runs it, against a
+//! The standalone CLI (`capd-inplace upgrade`, `stage` and `status`) as a user runs it, against a
 //! simulated CAPD cluster.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
@@ -103,6 +103,74 @@ async fn upgrade_a_cluster_from_the_command_line() {
         "a dry run changes nothing"
     );
 
+    // Staging ahead of time: every node gets the verified binaries and nothing that runs changes.
+    let stage = |version: &str| {
+        capd_inplace(&[
+            "stage",
+            "--cluster",
+            "cli",
+            "--to",
+            version,
+            "--artifact-url",
+            &mirror,
+            "--artifact-cache-dir",
+            cache_dir,
+        ])
+    };
+    let missing = stage("v1.32.99");
+    assert!(!missing.status.success());
+    assert_eq!(
+        text(&missing.stdout).matches("FAILED").count(),
+        3,
+        "{}",
+        text(&missing.stdout)
+    );
+    let staged = stage("v1.32.3");
+    assert!(staged.status.success(), "{}", text(&staged.stderr));
+    assert_eq!(text(&staged.stdout).matches("staged").count(), 3);
+    assert!(
+        status("cli")
+            .iter()
+            .all(|n| n["kubeletVersion"] == "v1.31.4" && n["upgrade"].is_null()),
+        "staging changes nothing that runs"
+    );
+    let identity = |node: &str| {
+        let cluster = &cluster;
+        let node = node.to_string();
+        async move {
+            let out = cluster
+                .exec_ok(
+                    &node,
+                    &[
+                        "sh",
+                        "-c",
+                        "ls /var/lib/capd-inplace; cd /var/lib/capd-inplace/v1.32.3/bin && stat -c '%n %i' kubeadm kubelet kubectl && sha256sum kubeadm kubelet kubectl",
+                    ],
+                )
+                .await
+                .unwrap();
+            out.stdout
+        }
+    };
+    let staged_before = identity("cli-md-0-1").await;
+    assert!(
+        !staged_before.contains("v1.32.99"),
+        "a failed stage leaves nothing behind: {staged_before}"
+    );
+    let network_mirror = cluster.mirror().network_url.clone();
+    for binary in ["kubeadm", "kubelet", "kubectl"] {
+        let url = format!("{network_mirror}/v1.32.3/bin/linux/amd64/{binary}.sha256");
+        let published = cluster
+            .exec_ok("cli-md-0-1", &["curl", "-fsS", url.as_str()])
+            .await
+            .unwrap()
+            .stdout;
+        assert!(
+            staged_before.contains(&format!("{}  {binary}", published.trim())),
+            "{binary}: {staged_before}"
+        );
+    }
+
     let run = capd_inplace(&[
         "upgrade",
         "--cluster",
@@ -128,6 +196,11 @@ async fn upgrade_a_cluster_from_the_command_line() {
     }
     assert!(stdout.starts_with("NODE"), "{stdout}");
     assert_eq!(stdout.matches("upgraded").count(), 3, "{stdout}");
+    assert_eq!(
+        identity("cli-md-0-1").await,
+        staged_before,
+        "the upgrade used the staged files instead of uploading them again"
+    );
 
     for node in status("cli") {
         assert_eq!(node["kubeletVersion"], "v1.32.3", "{node}");

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use capd_inplace::node::{
-    Command, Docker, Error, NodeExec, NodeState, ProviderId, Role, UploadFile,
+    Batch, Command, Docker, Error, NodeExec, NodeState, ProviderId, Role, UploadFile,
 };
 use common::simnode::{NodeContainer, NodeSpec, run_node, unique_cluster};
 use sha2::{Digest, Sha256};
@@ -282,6 +282,53 @@ async fn exec_returns_exit_code_output_and_takes_stdin_and_env() {
     // A missing program is an exit code (from `timeout`), not a transport error.
     let output = node.exec(quick(&["no-such-program"])).await.unwrap();
     assert_eq!(output.exit_code, 127);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_answers_each_command_as_if_it_ran_alone() {
+    let Some(docker) = engine().await else { return };
+    let cluster = unique_cluster("batch");
+    let container = node_of(&docker, NodeSpec::worker(&cluster, "md-0")).await;
+    let node = docker.locate(&cluster, &container.name).await.unwrap();
+
+    let mut batch = Batch::new(Duration::from_secs(20));
+    let multibyte = "größe 🚀 \"quoted\" $(id) *";
+    for argv in [
+        vec![
+            "sh",
+            "-c",
+            "printf 'out\\nline two\\n'; echo err >&2; exit 3",
+        ],
+        vec!["echo", multibyte],
+        vec!["cat", "/nonexistent-file"],
+        vec!["no-such-program"],
+        vec!["true"],
+    ] {
+        batch.push(&Command::new(argv));
+    }
+    let outputs = batch.run(&node).await.unwrap();
+    let answers: Vec<(i64, String, String)> = outputs
+        .iter()
+        .map(|o| {
+            (
+                o.exit_code,
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(answers[0], (3, "out\nline two".into(), "err".into()));
+    assert_eq!(answers[1], (0, multibyte.into(), String::new()));
+    assert_eq!(answers[2].0, 1);
+    assert!(answers[2].2.contains("No such file"), "{:?}", answers[2]);
+    assert_eq!(answers[3].0, 127);
+    assert_eq!(answers[4], (0, String::new(), String::new()));
+    assert_eq!(outputs[1].argv, ["echo", multibyte]);
+    // Errors carry the command's own argv and output.
+    match outputs[2].clone().into_error(node.name()) {
+        Error::Exec { argv, .. } => assert_eq!(argv, ["cat", "/nonexistent-file"]),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

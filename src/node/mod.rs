@@ -11,6 +11,7 @@
 //! which every process the exec started is killed.
 
 mod archive;
+mod batch;
 mod command;
 mod docker;
 mod provider_id;
@@ -19,6 +20,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use archive::{FileSource, UploadFile};
+pub use batch::Batch;
 pub use command::{Command, ExecOutput};
 pub use docker::{Docker, DockerNode};
 pub use provider_id::{ProviderId, validate_container_name};
@@ -131,6 +133,8 @@ pub enum Error {
         path: String,
         limit: u64,
     },
+    #[error("the batched commands on container {container} answered malformed output: {reason}")]
+    Batch { container: String, reason: String },
     #[error("the archive of {path} from container {container} is malformed")]
     Archive {
         container: String,

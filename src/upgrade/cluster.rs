@@ -39,6 +39,8 @@ pub struct NodeResult {
 pub enum NodeOutcome {
     AlreadyAtTarget,
     Upgraded,
+    /// `stage`: the binaries are in place and verified; nothing that runs was changed.
+    Staged,
     Failed {
         message: String,
     },
@@ -139,6 +141,50 @@ pub async fn upgrade(
         .collect()
         .await;
     results.extend(worker_results);
+    Ok(results)
+}
+
+/// Stages `version`'s binaries in every node of `cluster`, `parallel` nodes at a time. Staging
+/// changes nothing that runs, so no order between control planes and workers is needed.
+pub async fn stage(
+    engine: &Engine,
+    cluster: &str,
+    version: KubeVersion,
+    options: &Options,
+    parallel: usize,
+    on_progress: ProgressFn,
+) -> Result<Vec<NodeResult>, Error> {
+    let all = nodes(engine.docker(), cluster).await?;
+    let results = futures::stream::iter(all.iter())
+        .map(|node| {
+            let target = NodeTarget {
+                cluster: cluster.to_string(),
+                container: node.name().to_string(),
+                version,
+                machine: None,
+            };
+            let on_progress = on_progress.clone();
+            async move {
+                on_progress(&target.container, &Progress::Running(Step::Stage));
+                let (outcome, last) = match engine.stage(&target, options).await {
+                    Ok(()) => (NodeOutcome::Staged, Progress::Done),
+                    Err(e) => {
+                        let message = e.to_string();
+                        (
+                            NodeOutcome::Failed {
+                                message: message.clone(),
+                            },
+                            Progress::Failed { message },
+                        )
+                    }
+                };
+                on_progress(&target.container, &last);
+                result(node, outcome)
+            }
+        })
+        .buffered(parallel.max(1))
+        .collect()
+        .await;
     Ok(results)
 }
 

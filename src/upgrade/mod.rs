@@ -1,6 +1,7 @@
 //! The node upgrade engine: a [`plan`] decided from [`facts`] the node shows, executed as ordered
 //! [`step`]s, each check → act → verify ([`run`]), recorded in a [`journal`] kept inside the
-//! node. [`jobs`] runs upgrades in the background for the polled UpdateMachine hook.
+//! node. [`jobs`] runs upgrades in the background for the polled UpdateMachine hook. The stage
+//! step can also run alone ([`Engine::stage`]), to place the binaries ahead of time.
 
 pub mod cluster;
 pub mod facts;
@@ -8,6 +9,7 @@ pub mod jobs;
 pub mod journal;
 pub mod plan;
 pub mod run;
+mod stage;
 pub mod step;
 
 use std::time::Duration;

@@ -17,10 +17,11 @@ use super::facts::{self, NodeStatus};
 use super::jobs::Progress;
 use super::journal::{self, FromVersions, Journal, Paths, RecordedError};
 use super::plan::{self, Facts, KubeadmMode, Plan, Policy};
+use super::stage::Staging;
 use super::step::Step;
 use super::{Error, Result, StepError};
 use crate::artifacts::{Arch, ArtifactCache, Binary};
-use crate::node::{Command, Docker, DockerNode, NodeExec, Role, UploadFile};
+use crate::node::{Batch, Command, Docker, DockerNode, ExecOutput, NodeExec, Role};
 use crate::version::KubeVersion;
 
 const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
@@ -188,6 +189,66 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Stages the target version's binaries in the node, changing nothing that runs: under the
+    /// node's lease, it reads the node's architecture and runs the stage step alone (download
+    /// once into the verified cache, upload, verify in the node). A later upgrade of the node
+    /// finds them staged and skips that work. The skew rules are not checked: staged files are
+    /// inert until an upgrade, which checks them, installs them.
+    pub async fn stage(
+        &self,
+        target: &NodeTarget,
+        options: &Options,
+    ) -> std::result::Result<(), StepError> {
+        let span = info_span!("stage", container = %target.container, to_version = %target.version);
+        async {
+            let step_error = |source: Error| StepError {
+                step: Step::Stage,
+                container: target.container.clone(),
+                source,
+            };
+            let node = self
+                .docker
+                .locate(&target.cluster, &target.container)
+                .await
+                .map_err(|e| step_error(e.into()))?;
+            let lease = Lease::acquire(&node, &self.owner, self.timeouts.lease)
+                .await
+                .map_err(step_error)?;
+            let started = std::time::Instant::now();
+            let outcome = async {
+                let arch: Arch =
+                    exec_ok(&node, Command::new(["uname", "-m"]), self.timeouts.command)
+                        .await?
+                        .trim()
+                        .parse()?;
+                let mut staging = Staging::new(
+                    node.clone(),
+                    target.version,
+                    &options.source,
+                    arch,
+                    &self.timeouts,
+                );
+                if !staging.is_done().await? {
+                    staging.stage().await?;
+                    staging.verify().await?;
+                }
+                lease.check()
+            }
+            .await;
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                ok = outcome.is_ok(),
+                "staged"
+            );
+            lease.release().await;
+            outcome.map_err(step_error)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
 /// What an upgrade of one node would do, from a read-only preflight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preview {
@@ -274,12 +335,6 @@ struct Lease {
 
 impl Lease {
     async fn acquire(node: &DockerNode, owner: &Arc<str>, ttl: Duration) -> Result<Lease> {
-        exec_ok(
-            node,
-            Command::new(["mkdir", "-p", journal::ROOT]),
-            Duration::from_secs(30),
-        )
-        .await?;
         try_take(node, owner, ttl).await?;
         let lost = Arc::new(AtomicBool::new(false));
         let renewer = {
@@ -318,18 +373,7 @@ impl Lease {
     async fn release(self) {
         // Stop renewing first, or a renewal could re-take the lease right after the release.
         self.renewer.abort();
-        let release = Command::new([
-            "flock",
-            "-w",
-            "10",
-            journal::LOCK_FILE,
-            "sh",
-            "-c",
-            journal::LEASE_RELEASE,
-            "sh",
-            journal::LEASE_FILE,
-        ])
-        .arg(self.owner.as_ref());
+        let release = under_lease_lock(journal::LEASE_RELEASE).arg(self.owner.as_ref());
         if let Err(e) = exec_ok(&self.node, release, Duration::from_secs(30)).await {
             warn!(error = %e, "could not release the node lease; it expires by itself");
         }
@@ -337,19 +381,9 @@ impl Lease {
 }
 
 async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
-    let acquire = Command::new([
-        "flock",
-        "-w",
-        "10",
-        journal::LOCK_FILE,
-        "sh",
-        "-c",
-        journal::LEASE_ACQUIRE,
-        "sh",
-        journal::LEASE_FILE,
-    ])
-    .arg(owner)
-    .arg(ttl.as_secs().to_string());
+    let acquire = under_lease_lock(journal::LEASE_ACQUIRE)
+        .arg(owner)
+        .arg(ttl.as_secs().to_string());
     let output = node.exec(acquire.timeout(Duration::from_secs(30))).await?;
     match output.exit_code {
         0 => Ok(()),
@@ -362,6 +396,28 @@ async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
         }),
         _ => Err(output.into_error(node.name()).into()),
     }
+}
+
+/// Creates the journal root when missing, then runs its remaining arguments under flock(1) on
+/// the lock file: one exec for what would otherwise take two.
+const UNDER_LOCK: &str = r#"mkdir -p "$1" && shift && exec flock -w 10 "$@""#;
+
+/// `script` (a lease script from the journal module, given the lease file and then the caller's
+/// arguments) run under the lease lock.
+fn under_lease_lock(script: &str) -> Command {
+    Command::new([
+        "sh",
+        "-c",
+        UNDER_LOCK,
+        "sh",
+        journal::ROOT,
+        journal::LOCK_FILE,
+        "sh",
+        "-c",
+        script,
+        "sh",
+        journal::LEASE_FILE,
+    ])
 }
 
 /// Runs `command` and returns its stdout, or an error naming the command and its exit code.
@@ -388,15 +444,113 @@ struct Session<'a> {
     paths: Paths,
     journal: Journal,
     plan: Plan,
-    arch: Arch,
-    /// Expected sha256 of each staged binary, once known.
-    digests: Vec<(Binary, String)>,
+    staging: Staging<'a>,
+    known: Known,
     already_at_target: bool,
+}
+
+/// What this attempt knows the node shows: read by preflight, then updated by the attempt's own
+/// verified actions. The lease keeps every other upgrader away meanwhile, so the check before a
+/// step answers from here instead of asking the node again; what the node could change by itself
+/// (the Node object, the kubelet unit) is still asked.
+#[derive(Debug, Clone)]
+struct Known {
+    kubeadm: KubeVersion,
+    kubelet: KubeVersion,
+    kubectl: KubeVersion,
+    kind_version: Option<String>,
+    cluster: KubeVersion,
+    /// This node's kube-apiserver image version; control planes only.
+    apiserver: Option<KubeVersion>,
+    /// This attempt swapped the kubelet binary, so the running kubelet is the old one.
+    kubelet_replaced: bool,
+}
+
+/// What preflight asks every control-plane node, in the batch it sends that node.
+fn control_plane_questions(batch: &mut Batch, with_cluster_version: bool) {
+    batch.push(&Command::new(["test", "-f", ADMIN_CONF]));
+    batch.push(&Command::new(["cat", APISERVER_MANIFEST]));
+    if with_cluster_version {
+        batch.push(&cluster_version_command());
+    }
+}
+
+/// A control-plane node's answers to [`control_plane_questions`].
+struct ControlPlaneAnswers {
+    node: DockerNode,
+    has_admin_conf: bool,
+    apiserver: KubeVersion,
+    /// The cluster's `kubernetesVersion`, when it was asked and could be read.
+    cluster: Option<Result<KubeVersion>>,
+}
+
+impl ControlPlaneAnswers {
+    fn read(
+        node: DockerNode,
+        answers: &mut impl Iterator<Item = ExecOutput>,
+        with_cluster_version: bool,
+    ) -> Result<ControlPlaneAnswers> {
+        let has_admin_conf = next_answer(answers).exit_code == 0;
+        let manifest = stdout_of(next_answer(answers), node.name())?;
+        let apiserver = facts::manifest_image_version(&manifest)?;
+        let cluster = with_cluster_version.then(|| {
+            let yaml = stdout_of(next_answer(answers), node.name())?;
+            Ok(facts::cluster_configuration_version(&yaml)?)
+        });
+        Ok(ControlPlaneAnswers {
+            node,
+            has_admin_conf,
+            apiserver,
+            cluster,
+        })
+    }
+}
+
+/// The next answer of a batch. A batch answers every command it was given or fails as a whole,
+/// so running out is a bug in the caller's bookkeeping.
+pub(super) fn next_answer(answers: &mut impl Iterator<Item = ExecOutput>) -> ExecOutput {
+    answers
+        .next()
+        .expect("a batch answers every command it was given")
+}
+
+/// The stdout of a command that must have succeeded.
+fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
+    if output.exit_code != 0 {
+        return Err(output.into_error(container).into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The control-plane node kubectl runs on, and the cluster's `kubernetesVersion` read there:
+/// the node itself when it is a control plane (listed first), else the first control plane with
+/// an admin kubeconfig. The first one was asked for the version in its preflight batch; only when
+/// it turns out to lack the kubeconfig is another one asked.
+async fn cluster_source(
+    control_planes: Vec<ControlPlaneAnswers>,
+    target_is_control_plane: bool,
+    timeout: Duration,
+) -> Result<(DockerNode, KubeVersion)> {
+    let mut control_planes = control_planes.into_iter();
+    let first = control_planes.next().ok_or(Error::NoControlPlane)?;
+    if let Some(cluster) = first.cluster
+        && (target_is_control_plane || first.has_admin_conf)
+    {
+        return Ok((first.node, cluster?));
+    }
+    let fallback = control_planes
+        .find(|cp| cp.has_admin_conf)
+        .ok_or(Error::NoControlPlane)?;
+    let cluster = cluster_version(&fallback.node, timeout).await?;
+    Ok((fallback.node, cluster))
 }
 
 impl<'a> Session<'a> {
     /// Preflight: reads the node and its cluster, decides the plan, and refuses before anything
     /// changes if the skew rules forbid the upgrade.
+    ///
+    /// Every question goes out at once: one batch to the node, and one to each other
+    /// control-plane node of the cluster, concurrently.
     async fn open(
         engine: &'a Engine,
         node: DockerNode,
@@ -407,11 +561,44 @@ impl<'a> Session<'a> {
         let version = target.version;
         let paths = Paths::new(&version);
 
-        let manifest_present = node
-            .exec(Command::new(["test", "-f", APISERVER_MANIFEST]).timeout(quick))
+        let all_control_planes: Vec<DockerNode> = engine
+            .docker
+            .cluster_nodes(&target.cluster)
             .await?
-            .exit_code
-            == 0;
+            .into_iter()
+            .filter(|n| n.role() == Role::ControlPlane)
+            .collect();
+        let labelled_control_plane = node.role() == Role::ControlPlane;
+        let others: Vec<DockerNode> = all_control_planes
+            .into_iter()
+            .filter(|cp| cp.id() != node.id())
+            .collect();
+
+        let mut own_questions = Batch::new(quick);
+        own_questions.push(&Command::new(["test", "-f", APISERVER_MANIFEST]));
+        own_questions.push(&Command::new(["uname", "-m"]));
+        for binary in Binary::ALL {
+            own_questions.push(&version_command(binary, binary.name()));
+        }
+        own_questions.push(&Command::new(["cat", paths.journal().as_str()]));
+        own_questions.push(&Command::new(["cat", KIND_VERSION_FILE]));
+        if labelled_control_plane {
+            control_plane_questions(&mut own_questions, true);
+        }
+        // A worker reads the cluster configuration through the first control plane.
+        let asks_cluster = |index: usize| !labelled_control_plane && index == 0;
+        let other_batches = others.iter().enumerate().map(|(index, cp)| {
+            let mut batch = Batch::new(quick);
+            control_plane_questions(&mut batch, asks_cluster(index));
+            async move { batch.run(cp).await }
+        });
+        let (own_answers, other_answers) = tokio::join!(
+            own_questions.run(&node),
+            futures::future::join_all(other_batches)
+        );
+
+        let mut answers = own_answers?.into_iter();
+        let manifest_present = next_answer(&mut answers).exit_code == 0;
         let role = if manifest_present {
             Role::ControlPlane
         } else {
@@ -424,36 +611,46 @@ impl<'a> Session<'a> {
                 found: role,
             });
         }
-        let arch: Arch = exec_ok(&node, Command::new(["uname", "-m"]), quick)
-            .await?
+        let arch: Arch = stdout_of(next_answer(&mut answers), node.name())?
             .trim()
             .parse()?;
-        let kubeadm = tool_version(&node, Binary::Kubeadm, "kubeadm", quick).await?;
-        let kubelet = tool_version(&node, Binary::Kubelet, "kubelet", quick).await?;
-        let kubectl = tool_version(&node, Binary::Kubectl, "kubectl", quick).await?;
-
-        let control_planes: Vec<DockerNode> = engine
-            .docker
-            .cluster_nodes(&target.cluster)
-            .await?
-            .into_iter()
-            .filter(|n| n.role() == Role::ControlPlane)
-            .collect();
-        let control_plane = if role == Role::ControlPlane {
-            node.clone()
+        let kubeadm = parse_version(Binary::Kubeadm, next_answer(&mut answers), node.name())?;
+        let kubelet = parse_version(Binary::Kubelet, next_answer(&mut answers), node.name())?;
+        let kubectl = parse_version(Binary::Kubectl, next_answer(&mut answers), node.name())?;
+        let journal_answer = next_answer(&mut answers);
+        let kind_answer = next_answer(&mut answers);
+        let kind_version = (kind_answer.exit_code == 0).then(|| {
+            String::from_utf8_lossy(&kind_answer.stdout)
+                .trim()
+                .to_string()
+        });
+        let own_control_plane = if labelled_control_plane {
+            Some(ControlPlaneAnswers::read(node.clone(), &mut answers, true)?)
         } else {
-            first_with_admin_conf(&control_planes, quick).await?
+            None
         };
-        let cluster = cluster_version(&control_plane, quick).await?;
-        let mut apiservers = Vec::with_capacity(control_planes.len());
-        for cp in &control_planes {
-            let manifest = exec_ok(cp, Command::new(["cat", APISERVER_MANIFEST]), quick).await?;
-            apiservers.push(facts::manifest_image_version(&manifest)?);
+        let mut control_planes = Vec::with_capacity(others.len() + 1);
+        control_planes.extend(own_control_plane);
+        for (index, (cp, batch)) in others.into_iter().zip(other_answers).enumerate() {
+            let mut answers = batch?.into_iter();
+            control_planes.push(ControlPlaneAnswers::read(
+                cp,
+                &mut answers,
+                asks_cluster(index),
+            )?);
         }
+        let apiservers: Vec<KubeVersion> = control_planes.iter().map(|cp| cp.apiserver).collect();
+        let own_apiserver = labelled_control_plane.then(|| apiservers[0]);
+        let (control_plane, cluster) =
+            cluster_source(control_planes, labelled_control_plane, quick).await?;
 
-        let mut journal = read_journal(&node, &paths, quick)
-            .await?
-            .unwrap_or_else(|| Journal::new(&version, target.machine.clone()));
+        let mut journal = if journal_answer.exit_code == 0 {
+            serde_json::from_slice(&journal_answer.stdout).map_err(|_| Error::CorruptJournal {
+                path: paths.journal(),
+            })?
+        } else {
+            Journal::new(&version, target.machine.clone())
+        };
         let from = journal.from.clone().unwrap_or(FromVersions {
             kubeadm: kubeadm.to_string(),
             kubelet: kubelet.to_string(),
@@ -479,6 +676,13 @@ impl<'a> Session<'a> {
         journal.completed.insert(Step::Preflight);
         let mut session = Session {
             engine,
+            staging: Staging::new(
+                node.clone(),
+                version,
+                &options.source,
+                arch,
+                &engine.timeouts,
+            ),
             node,
             control_plane,
             target,
@@ -486,8 +690,15 @@ impl<'a> Session<'a> {
             paths,
             journal,
             plan,
-            arch,
-            digests: Vec::new(),
+            known: Known {
+                kubeadm,
+                kubelet,
+                kubectl,
+                kind_version,
+                cluster,
+                apiserver: own_apiserver,
+                kubelet_replaced: false,
+            },
             already_at_target: false,
         };
         // A node that already runs the target everywhere, and that we are not in the middle of
@@ -495,10 +706,9 @@ impl<'a> Session<'a> {
         let binaries_at_target = kubeadm == version && kubelet == version && kubectl == version;
         if binaries_at_target && !session.journal.cordoned_by_us {
             let status = session.node_status().await?;
-            let kind_version = session.read_trimmed(KIND_VERSION_FILE).await?;
             if status.ready
                 && status.kubelet_version == version.to_string()
-                && kind_version.as_deref() == Some(version.to_string().as_str())
+                && session.known.kind_version.as_deref() == Some(version.to_string().as_str())
             {
                 session.already_at_target = true;
             }
@@ -515,9 +725,8 @@ impl<'a> Session<'a> {
             info!("already at the target version");
             return Ok(Outcome::AlreadyAtTarget);
         }
-        self.save_journal()
-            .await
-            .map_err(|e| self.step_error(Step::Preflight, e))?;
+        // The journal is first written after staging, which changes nothing that runs: until
+        // then the node still shows the versions `from` records.
         for step in Step::ALL.into_iter().skip(1) {
             progress.send_replace(Progress::Running(step));
             let span = info_span!("step", step = step.id());
@@ -567,31 +776,30 @@ impl<'a> Session<'a> {
         let v = self.target.version;
         Ok(match step {
             Step::Preflight => true,
-            Step::Stage => {
-                self.expected_digests().await?;
-                self.staged_digests_match().await?
-            }
-            Step::InstallKubeadm => self.installed_version(Binary::Kubeadm).await? == Some(v),
+            Step::Stage => self.staging.is_done().await?,
+            Step::InstallKubeadm => self.known.kubeadm == v,
             Step::KubeadmUpgrade => match self.plan.role {
-                Role::ControlPlane => self.control_plane_at_target().await?,
+                // What preflight read rules most attempts out without asking again.
+                Role::ControlPlane => {
+                    self.known.cluster == v
+                        && self.known.apiserver == Some(v)
+                        && self.control_plane_at_target().await?
+                }
                 // A worker's `kubeadm upgrade node` only rewrites the kubelet configuration, which
                 // the node cannot compare cheaply; it is idempotent, so rerun it unless recorded.
                 Role::Worker => self.journal.completed.contains(&Step::KubeadmUpgrade),
             },
             Step::Drain => !self.options.drain || self.journal.completed.contains(&Step::Drain),
-            Step::InstallKubelet => {
-                self.installed_version(Binary::Kubelet).await? == Some(v)
-                    && self.installed_version(Binary::Kubectl).await? == Some(v)
-            }
+            Step::InstallKubelet => self.known.kubelet == v && self.known.kubectl == v,
             Step::RestartKubelet => {
-                self.node_status().await?.kubelet_version == v.to_string()
+                !self.known.kubelet_replaced
+                    && self.node_status().await?.kubelet_version == v.to_string()
                     && self.kubelet_active().await?
             }
             Step::VerifyNode => false,
             Step::Uncordon => !self.journal.cordoned_by_us,
             Step::RecordVersion => {
-                self.read_trimmed(KIND_VERSION_FILE).await?.as_deref()
-                    == Some(v.to_string().as_str())
+                self.known.kind_version.as_deref() == Some(v.to_string().as_str())
             }
         })
     }
@@ -601,23 +809,16 @@ impl<'a> Session<'a> {
     async fn act(&mut self, step: Step) -> Result<()> {
         match step {
             Step::Preflight => Ok(()),
-            Step::Stage => self.stage().await,
+            Step::Stage => self.staging.stage().await,
             Step::InstallKubeadm => self.install(&[Binary::Kubeadm]).await,
             Step::KubeadmUpgrade => self.kubeadm_upgrade().await,
             Step::Drain => self.drain().await,
             Step::InstallKubelet => self.install(&[Binary::Kubelet, Binary::Kubectl]).await,
             Step::RestartKubelet => {
-                let quick = self.engine.timeouts.command;
                 exec_ok(
                     &self.node,
-                    Command::new(["systemctl", "daemon-reload"]),
-                    quick,
-                )
-                .await?;
-                exec_ok(
-                    &self.node,
-                    Command::new(["systemctl", "restart", "kubelet"]),
-                    quick,
+                    Command::new(["sh", "-c", RESTART_KUBELET]),
+                    self.engine.timeouts.command,
                 )
                 .await?;
                 Ok(())
@@ -659,53 +860,34 @@ impl<'a> Session<'a> {
             Step::Uncordon if self.node_status().await?.unschedulable => Err(Error::Verify(
                 format!("Node {} is still cordoned after uncordon", self.node.name()),
             )),
-            Step::RecordVersion if !self.is_done(Step::RecordVersion).await? => Err(Error::Verify(
-                format!("{KIND_VERSION_FILE} does not read {v}"),
-            )),
-            Step::Drain | Step::Uncordon | Step::RecordVersion => Ok(()),
-            Step::Stage => {
-                if !self.staged_digests_match().await? {
-                    return Err(Error::Verify(
-                        "a staged binary does not match its published sha256".into(),
-                    ));
-                }
-                // The right bytes must also be the right program: ask each staged binary its version.
-                let quick = self.engine.timeouts.command;
-                let kubeadm = tool_version(
-                    &self.node,
-                    Binary::Kubeadm,
-                    &self.paths.staged("kubeadm"),
-                    quick,
-                )
-                .await?;
-                let kubelet = tool_version(
-                    &self.node,
-                    Binary::Kubelet,
-                    &self.paths.staged("kubelet"),
-                    quick,
-                )
-                .await?;
-                if kubeadm != v || kubelet != v {
+            Step::Drain | Step::Uncordon => Ok(()),
+            Step::RecordVersion => {
+                self.known.kind_version = self.read_trimmed(KIND_VERSION_FILE).await?;
+                if self.known.kind_version.as_deref() != Some(v.to_string().as_str()) {
                     return Err(Error::Verify(format!(
-                        "the staged binaries report {kubeadm} and {kubelet}, not {v}"
+                        "{KIND_VERSION_FILE} does not read {v}"
                     )));
                 }
                 Ok(())
             }
-            Step::InstallKubeadm | Step::InstallKubelet => {
-                if !self.is_done(step).await? {
-                    return Err(Error::Verify(format!(
-                        "the installed binaries do not report {v}"
-                    )));
-                }
+            Step::Stage => self.staging.verify().await,
+            Step::InstallKubeadm => self.verify_installed(&[Binary::Kubeadm]).await,
+            Step::InstallKubelet => {
+                self.verify_installed(&[Binary::Kubelet, Binary::Kubectl])
+                    .await?;
+                self.known.kubelet_replaced = true;
                 Ok(())
             }
             Step::KubeadmUpgrade => {
-                if self.plan.role == Role::ControlPlane && !self.control_plane_at_target().await? {
-                    return Err(Error::Verify(format!(
-                        "the control-plane manifests or kubeadm-config are not at {v} after {}",
-                        self.plan.mode.command()
-                    )));
+                if self.plan.role == Role::ControlPlane {
+                    if !self.control_plane_at_target().await? {
+                        return Err(Error::Verify(format!(
+                            "the control-plane manifests or kubeadm-config are not at {v} after {}",
+                            self.plan.mode.command()
+                        )));
+                    }
+                    self.known.cluster = v;
+                    self.known.apiserver = Some(v);
                 }
                 Ok(())
             }
@@ -716,168 +898,72 @@ impl<'a> Session<'a> {
 
     // ----- staging and installing -----
 
-    /// The sha256 each binary must have: from the verified host cache, or from the published
-    /// `.sha256` files fetched by the node itself.
-    async fn expected_digests(&mut self) -> Result<()> {
-        if !self.digests.is_empty() {
-            return Ok(());
-        }
-        for binary in Binary::ALL {
-            let digest = match &self.options.source {
-                Source::Upload(cache) => {
-                    cache
-                        .fetch(&self.target.version.to_string(), self.arch, binary)
-                        .await?
-                        .sha256
-                }
-                Source::FetchInNode { base_url } => {
-                    let url = format!(
-                        "{}.sha256",
-                        release_url(base_url, &self.target.version, self.arch, binary)
-                    );
-                    let published =
-                        exec_ok(&self.node, curl(&url, None), self.engine.timeouts.command).await?;
-                    parse_published_digest(&published).ok_or_else(|| {
-                        Error::Verify(format!("{url} does not hold a sha256 digest"))
-                    })?
-                }
-            };
-            self.digests.push((binary, digest));
-        }
-        Ok(())
-    }
-
-    async fn staged_digests_match(&self) -> Result<bool> {
-        let mut command = Command::new(["sha256sum", "--"]);
-        for (binary, _) in &self.digests {
-            command = command.arg(self.paths.staged(binary.name()));
-        }
-        let output = self
-            .node
-            .exec(command.timeout(self.engine.timeouts.command))
-            .await?;
-        // sha256sum exits 1 when a file is missing; the lines it did print still count.
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        Ok(self.digests.iter().all(|(binary, digest)| {
-            let path = self.paths.staged(binary.name());
-            stdout
-                .lines()
-                .any(|line| line.split_once("  ") == Some((digest.as_str(), path.as_str())))
-        }))
-    }
-
-    async fn stage(&mut self) -> Result<()> {
-        let quick = self.engine.timeouts.command;
-        let bin_dir = self.paths.bin_dir();
-        exec_ok(
-            &self.node,
-            Command::new(["mkdir", "-p", bin_dir.as_str()]),
-            quick,
-        )
-        .await?;
-        match self.options.source.clone() {
-            Source::Upload(cache) => {
-                let mut files = Vec::with_capacity(Binary::ALL.len());
-                for binary in Binary::ALL {
-                    let artifact = cache
-                        .fetch(&self.target.version.to_string(), self.arch, binary)
-                        .await?;
-                    files.push(UploadFile::from_path(binary.name(), artifact.path, 0o755));
-                }
-                self.node.upload(&bin_dir, files).await?;
-            }
-            Source::FetchInNode { base_url } => {
-                for (binary, digest) in self.digests.clone() {
-                    let url = release_url(&base_url, &self.target.version, self.arch, binary);
-                    let staged = self.paths.staged(binary.name());
-                    let partial = format!("{staged}.part");
-                    exec_ok(
-                        &self.node,
-                        curl(&url, Some(&partial)),
-                        self.engine.timeouts.kubeadm,
-                    )
-                    .await?;
-                    let sum = exec_ok(
-                        &self.node,
-                        Command::new(["sha256sum", "--", partial.as_str()]),
-                        quick,
-                    )
-                    .await?;
-                    if sum.split_whitespace().next() != Some(digest.as_str()) {
-                        let _ = self
-                            .node
-                            .exec(Command::new(["rm", "-f", partial.as_str()]).timeout(quick))
-                            .await;
-                        return Err(Error::ChecksumMismatch {
-                            url,
-                            expected: digest,
-                        });
-                    }
-                    exec_ok(
-                        &self.node,
-                        Command::new(["chmod", "0755", partial.as_str()]),
-                        quick,
-                    )
-                    .await?;
-                    exec_ok(
-                        &self.node,
-                        Command::new(["mv", "-f", partial.as_str(), staged.as_str()]),
-                        quick,
-                    )
-                    .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Swaps staged binaries into /usr/bin by atomic rename, keeping the first replaced copy of
     /// each in the journal directory. Every attempt runs the stage step first, which hashes the
     /// staged files against their published digests (and re-stages on a mismatch), so nothing is
     /// installed that does not match; hashing them again here would only repeat that work.
     async fn install(&mut self, binaries: &[Binary]) -> Result<()> {
-        let quick = self.engine.timeouts.command;
         let prev = self.paths.prev_dir();
+        let mut command = Command::new(["sh", "-c", INSTALL_BINARIES, "sh"]);
         for binary in binaries {
             let name = binary.name();
-            let command = Command::new(["sh", "-c", INSTALL_BINARY, "sh"])
-                .arg(format!("/usr/bin/{name}"))
-                .arg(format!("{prev}/{name}"))
-                .arg(self.paths.staged(name))
-                .arg(format!("/usr/bin/.{name}.capd-inplace"));
-            exec_ok(&self.node, command, quick).await?;
+            command = command.args([
+                format!("/usr/bin/{name}"),
+                format!("{prev}/{name}"),
+                self.paths.staged(name),
+                format!("/usr/bin/.{name}.capd-inplace"),
+            ]);
+        }
+        exec_ok(&self.node, command, self.engine.timeouts.command).await?;
+        Ok(())
+    }
+
+    /// Asks each installed binary its version (one batch) and records the answers; a binary
+    /// that does not run or answers something unexpected is not at the target.
+    async fn verify_installed(&mut self, binaries: &[Binary]) -> Result<()> {
+        let v = self.target.version;
+        let mut batch = Batch::new(self.engine.timeouts.command);
+        for binary in binaries {
+            batch.push(&version_command(*binary, binary.name()));
+        }
+        let answers = batch.run(&self.node).await?;
+        for (binary, answer) in binaries.iter().zip(answers) {
+            let reported = parse_version(*binary, answer, self.node.name());
+            if !matches!(reported, Ok(version) if version == v) {
+                return Err(Error::Verify(format!(
+                    "the installed {} does not report {v}: {}",
+                    binary.name(),
+                    reported.map_or_else(|e| e.to_string(), |version| version.to_string())
+                )));
+            }
+            match binary {
+                Binary::Kubeadm => self.known.kubeadm = v,
+                Binary::Kubelet => self.known.kubelet = v,
+                Binary::Kubectl => self.known.kubectl = v,
+            }
         }
         Ok(())
     }
 
-    /// The version the installed `binary` reports, or `None` if it does not run or answers
-    /// something unexpected (a half-replaced or foreign binary is simply "not at target").
-    async fn installed_version(&self, binary: Binary) -> Result<Option<KubeVersion>> {
-        match tool_version(
-            &self.node,
-            binary,
-            binary.name(),
-            self.engine.timeouts.command,
-        )
-        .await
-        {
-            Ok(version) => Ok(Some(version)),
-            Err(Error::Node(crate::node::Error::Exec { .. }) | Error::Parse(_)) => Ok(None),
-            Err(other) => Err(other),
-        }
-    }
-
     // ----- kubeadm -----
 
+    /// Whether the cluster configuration and all three control-plane manifests of this node
+    /// name the target version. One batch on the node, which is a control plane and so also
+    /// where kubectl runs.
     async fn control_plane_at_target(&self) -> Result<bool> {
-        let quick = self.engine.timeouts.command;
         let v = self.target.version;
-        let cluster = cluster_version(&self.control_plane, quick).await?;
-        if cluster != v {
+        let mut batch = Batch::new(self.engine.timeouts.command);
+        batch.push(&cluster_version_command());
+        for manifest in CONTROL_PLANE_MANIFESTS {
+            batch.push(&Command::new(["cat", manifest]));
+        }
+        let mut answers = batch.run(&self.node).await?.into_iter();
+        let yaml = stdout_of(next_answer(&mut answers), self.node.name())?;
+        if facts::cluster_configuration_version(&yaml)? != v {
             return Ok(false);
         }
-        for manifest in CONTROL_PLANE_MANIFESTS {
-            let yaml = exec_ok(&self.node, Command::new(["cat", manifest]), quick).await?;
+        for answer in answers {
+            let yaml = stdout_of(answer, self.node.name())?;
             if facts::manifest_image_version(&yaml)? != v {
                 return Ok(false);
             }
@@ -1006,8 +1092,11 @@ impl<'a> Session<'a> {
         let limit = self.engine.timeouts.node_ready;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let status = self.node_status().await?;
-            if status.ready && status.kubelet_version == v && self.kubelet_active().await? {
+            // Two different containers for a worker (the Node is read through a control plane),
+            // so the two questions go out together.
+            let (status, kubelet_active) =
+                tokio::try_join!(self.node_status(), self.kubelet_active())?;
+            if status.ready && status.kubelet_version == v && kubelet_active {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -1045,40 +1134,6 @@ impl<'a> Session<'a> {
     }
 }
 
-async fn read_journal(
-    node: &DockerNode,
-    paths: &Paths,
-    timeout: Duration,
-) -> Result<Option<Journal>> {
-    let output = node
-        .exec(Command::new(["cat", paths.journal().as_str()]).timeout(timeout))
-        .await?;
-    if output.exit_code != 0 {
-        return Ok(None);
-    }
-    serde_json::from_slice(&output.stdout)
-        .map(Some)
-        .map_err(|_| Error::CorruptJournal {
-            path: paths.journal(),
-        })
-}
-
-async fn first_with_admin_conf(
-    control_planes: &[DockerNode],
-    timeout: Duration,
-) -> Result<DockerNode> {
-    for cp in control_planes {
-        if let Ok(output) = cp
-            .exec(Command::new(["test", "-f", ADMIN_CONF]).timeout(timeout))
-            .await
-            && output.exit_code == 0
-        {
-            return Ok(cp.clone());
-        }
-    }
-    Err(Error::NoControlPlane)
-}
-
 /// Writes `contents` (sent on stdin) under a temporary name next to `path`, then renames it
 /// into place, in one exec: readers never see a torn file. The script is a constant; the path
 /// parts and mode arrive as arguments.
@@ -1107,15 +1162,22 @@ async fn write_file_atomically(
     Ok(())
 }
 
-/// Keeps the first replaced binary (`cp -n`: a retry keeps the original), then swaps the staged
-/// one in by an atomic rename. Arguments: installed path, backup path, staged path, temporary path.
-const INSTALL_BINARY: &str = r#"set -eu
-installed="$1"; backup="$2"; staged="$3"; incoming="$4"
-mkdir -p "$(dirname "$backup")"
-cp -an "$installed" "$backup"
-install -m 0755 "$staged" "$incoming"
-mv -f "$incoming" "$installed"
+/// For each binary: keeps the first replaced copy (`cp -n`: a retry keeps the original), then
+/// swaps the staged one in by an atomic rename. Arguments, four per binary: installed path,
+/// backup path, staged path, temporary path. Stops at the first failure.
+const INSTALL_BINARIES: &str = r#"set -eu
+while [ "$#" -ge 4 ]; do
+  installed="$1"; backup="$2"; staged="$3"; incoming="$4"
+  shift 4
+  mkdir -p "$(dirname "$backup")"
+  cp -an "$installed" "$backup"
+  install -m 0755 "$staged" "$incoming"
+  mv -f "$incoming" "$installed"
+done
 "#;
+
+/// The kubelet runs the new binary only after systemd re-reads its units and restarts it.
+const RESTART_KUBELET: &str = "set -e; systemctl daemon-reload; systemctl restart kubelet";
 
 /// Asks `program` (a path or name of a kubeadm, kubelet or kubectl binary) for its version,
 /// with the command and output format that tool's real version prints.
@@ -1125,17 +1187,29 @@ pub(super) async fn tool_version(
     program: &str,
     timeout: Duration,
 ) -> Result<KubeVersion> {
+    let output = node
+        .exec(version_command(binary, program).timeout(timeout))
+        .await?;
+    parse_version(binary, output, node.name())
+}
+
+/// The command that makes `program` print its version, the way that tool's real one does it.
+pub(super) fn version_command(binary: Binary, program: &str) -> Command {
     let args: &[&str] = match binary {
         Binary::Kubeadm => &["version", "-o", "short"],
         Binary::Kubelet => &["--version"],
         Binary::Kubectl => &["version", "--client", "-o", "json"],
     };
-    let stdout = exec_ok(
-        node,
-        Command::new([program]).args(args.iter().copied()),
-        timeout,
-    )
-    .await?;
+    Command::new([program]).args(args.iter().copied())
+}
+
+/// The version in the answer to [`version_command`].
+pub(super) fn parse_version(
+    binary: Binary,
+    output: ExecOutput,
+    container: &str,
+) -> Result<KubeVersion> {
+    let stdout = stdout_of(output, container)?;
     Ok(match binary {
         Binary::Kubeadm => facts::kubeadm_version(&stdout),
         Binary::Kubelet => facts::kubelet_version(&stdout),
@@ -1143,50 +1217,26 @@ pub(super) async fn tool_version(
     }?)
 }
 
+fn cluster_version_command() -> Command {
+    kubectl_command([
+        "-n",
+        "kube-system",
+        "get",
+        "configmap",
+        "kubeadm-config",
+        "-o",
+        "jsonpath={.data.ClusterConfiguration}",
+    ])
+}
+
 /// The `kubernetesVersion` of the cluster's kubeadm-config, read on a control-plane node.
 async fn cluster_version(control_plane: &DockerNode, timeout: Duration) -> Result<KubeVersion> {
-    let yaml = exec_ok(
-        control_plane,
-        kubectl_command([
-            "-n",
-            "kube-system",
-            "get",
-            "configmap",
-            "kubeadm-config",
-            "-o",
-            "jsonpath={.data.ClusterConfiguration}",
-        ]),
-        timeout,
-    )
-    .await?;
+    let yaml = exec_ok(control_plane, cluster_version_command(), timeout).await?;
     Ok(facts::cluster_configuration_version(&yaml)?)
 }
 
 fn kubectl_command<'s>(args: impl IntoIterator<Item = &'s str>) -> Command {
     Command::new(["kubectl", "--kubeconfig", ADMIN_CONF]).args(args)
-}
-
-fn curl(url: &str, output: Option<&str>) -> Command {
-    let command = Command::new(["curl", "-fsSL", "--retry", "3", "--connect-timeout", "10"]);
-    match output {
-        Some(path) => command.args(["-o", path, url]),
-        None => command.arg(url),
-    }
-}
-
-fn release_url(base: &str, version: &KubeVersion, arch: Arch, binary: Binary) -> String {
-    format!(
-        "{}/{version}/bin/linux/{}/{}",
-        base.trim_end_matches('/'),
-        arch.name(),
-        binary.name()
-    )
-}
-
-/// dl.k8s.io publishes the bare hex digest; `sha256sum` output (`<hex>  <name>`) is accepted too.
-fn parse_published_digest(text: &str) -> Option<String> {
-    let digest = text.split_whitespace().next()?.to_ascii_lowercase();
-    (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digest)
 }
 
 /// The kubeadm.k8s.io/v1beta4 UpgradeConfiguration for `apply` and `node`, non-interactive and
@@ -1204,35 +1254,6 @@ fn upgrade_configuration(version: &KubeVersion) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn published_digests() {
-        let hex = "a".repeat(64);
-        assert_eq!(
-            parse_published_digest(&format!("{hex}\n")),
-            Some(hex.clone())
-        );
-        assert_eq!(
-            parse_published_digest(&format!("{hex}  kubeadm\n")),
-            Some(hex.clone())
-        );
-        assert_eq!(parse_published_digest("<html>not found</html>"), None);
-        assert_eq!(parse_published_digest(""), None);
-    }
-
-    #[test]
-    fn release_urls_follow_dl_k8s_io() {
-        let v: KubeVersion = "v1.32.3".parse().unwrap();
-        assert_eq!(
-            release_url(
-                "http://127.0.0.1:8080/release/",
-                &v,
-                Arch::Amd64,
-                Binary::Kubelet
-            ),
-            "http://127.0.0.1:8080/release/v1.32.3/bin/linux/amd64/kubelet"
-        );
-    }
 
     #[test]
     fn upgrade_configuration_is_v1beta4() {

@@ -1,0 +1,259 @@
+//! The stage step: the target version's kubeadm, kubelet and kubectl placed under the journal
+//! directory of a node and verified there, without touching anything that runs. An upgrade runs
+//! it first; `capd-inplace stage` runs it alone, ahead of a maintenance window.
+
+use super::journal::Paths;
+use super::run::{Source, Timeouts, exec_ok, next_answer, parse_version, version_command};
+use super::{Error, Result};
+use crate::artifacts::{Arch, Binary};
+use crate::node::{Batch, Command, DockerNode, ExecOutput, NodeExec, UploadFile};
+use crate::version::KubeVersion;
+
+/// The stage step on one node.
+pub(super) struct Staging<'a> {
+    pub(super) node: DockerNode,
+    pub(super) version: KubeVersion,
+    pub(super) source: &'a Source,
+    pub(super) paths: Paths,
+    pub(super) arch: Arch,
+    pub(super) timeouts: &'a Timeouts,
+    /// Expected sha256 of each staged binary, once known.
+    digests: Vec<(Binary, String)>,
+}
+
+impl<'a> Staging<'a> {
+    pub(super) fn new(
+        node: DockerNode,
+        version: KubeVersion,
+        source: &'a Source,
+        arch: Arch,
+        timeouts: &'a Timeouts,
+    ) -> Staging<'a> {
+        Staging {
+            node,
+            version,
+            source,
+            paths: Paths::new(&version),
+            arch,
+            timeouts,
+            digests: Vec::new(),
+        }
+    }
+
+    /// Whether every binary is already staged with its published digest.
+    pub(super) async fn is_done(&mut self) -> Result<bool> {
+        self.expected_digests().await?;
+        self.staged_digests_match().await
+    }
+
+    /// The sha256 each binary must have: from the verified host cache, or from the published
+    /// `.sha256` files fetched by the node itself.
+    pub(super) async fn expected_digests(&mut self) -> Result<()> {
+        if !self.digests.is_empty() {
+            return Ok(());
+        }
+        for binary in Binary::ALL {
+            let digest = match &self.source {
+                Source::Upload(cache) => {
+                    cache
+                        .fetch(&self.version.to_string(), self.arch, binary)
+                        .await?
+                        .sha256
+                }
+                Source::FetchInNode { base_url } => {
+                    let url = format!(
+                        "{}.sha256",
+                        release_url(base_url, &self.version, self.arch, binary)
+                    );
+                    let published =
+                        exec_ok(&self.node, curl(&url, None), self.timeouts.command).await?;
+                    parse_published_digest(&published).ok_or_else(|| {
+                        Error::Verify(format!("{url} does not hold a sha256 digest"))
+                    })?
+                }
+            };
+            self.digests.push((binary, digest));
+        }
+        Ok(())
+    }
+
+    fn hash_staged_command(&self) -> Command {
+        Command::new(["sha256sum", "--"]).args(
+            self.digests
+                .iter()
+                .map(|(binary, _)| self.paths.staged(binary.name())),
+        )
+    }
+
+    /// Whether `sha256sum` printed the expected digest for every staged binary. It exits 1 when
+    /// a file is missing; the lines it did print still count.
+    fn digests_match(&self, output: &ExecOutput) -> bool {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        self.digests.iter().all(|(binary, digest)| {
+            let path = self.paths.staged(binary.name());
+            stdout
+                .lines()
+                .any(|line| line.split_once("  ") == Some((digest.as_str(), path.as_str())))
+        })
+    }
+
+    pub(super) async fn staged_digests_match(&self) -> Result<bool> {
+        let output = self
+            .node
+            .exec(self.hash_staged_command().timeout(self.timeouts.command))
+            .await?;
+        Ok(self.digests_match(&output))
+    }
+
+    /// The staged bytes must match their published digests, and be the right programs: each
+    /// staged kubeadm and kubelet is asked its version too. One batch.
+    pub(super) async fn verify(&self) -> Result<()> {
+        let v = self.version;
+        let mut batch = Batch::new(self.timeouts.command);
+        batch.push(&self.hash_staged_command());
+        let asked = [Binary::Kubeadm, Binary::Kubelet];
+        for binary in asked {
+            batch.push(&version_command(binary, &self.paths.staged(binary.name())));
+        }
+        let mut answers = batch.run(&self.node).await?.into_iter();
+        if !self.digests_match(&next_answer(&mut answers)) {
+            return Err(Error::Verify(
+                "a staged binary does not match its published sha256".into(),
+            ));
+        }
+        for binary in asked {
+            let reported = parse_version(binary, next_answer(&mut answers), self.node.name())?;
+            if reported != v {
+                return Err(Error::Verify(format!(
+                    "the staged {} reports {reported}, not {v}",
+                    binary.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Places the binaries under the journal directory: uploaded from the verified cache, or
+    /// fetched by the node itself and checked before they are moved into place.
+    pub(super) async fn stage(&mut self) -> Result<()> {
+        let quick = self.timeouts.command;
+        let bin_dir = self.paths.bin_dir();
+        match self.source.clone() {
+            Source::Upload(cache) => {
+                let mut files = Vec::with_capacity(Binary::ALL.len());
+                for binary in Binary::ALL {
+                    let artifact = cache
+                        .fetch(&self.version.to_string(), self.arch, binary)
+                        .await?;
+                    files.push(UploadFile::from_path(binary.name(), artifact.path, 0o755));
+                }
+                self.node.upload(&bin_dir, files).await?;
+            }
+            Source::FetchInNode { base_url } => {
+                exec_ok(
+                    &self.node,
+                    Command::new(["mkdir", "-p", bin_dir.as_str()]),
+                    quick,
+                )
+                .await?;
+                for (binary, digest) in self.digests.clone() {
+                    let url = release_url(&base_url, &self.version, self.arch, binary);
+                    let staged = self.paths.staged(binary.name());
+                    let partial = format!("{staged}.part");
+                    exec_ok(
+                        &self.node,
+                        curl(&url, Some(&partial)),
+                        self.timeouts.kubeadm,
+                    )
+                    .await?;
+                    let sum = exec_ok(
+                        &self.node,
+                        Command::new(["sha256sum", "--", partial.as_str()]),
+                        quick,
+                    )
+                    .await?;
+                    if sum.split_whitespace().next() != Some(digest.as_str()) {
+                        let _ = self
+                            .node
+                            .exec(Command::new(["rm", "-f", partial.as_str()]).timeout(quick))
+                            .await;
+                        return Err(Error::ChecksumMismatch {
+                            url,
+                            expected: digest,
+                        });
+                    }
+                    exec_ok(
+                        &self.node,
+                        Command::new(["chmod", "0755", partial.as_str()]),
+                        quick,
+                    )
+                    .await?;
+                    exec_ok(
+                        &self.node,
+                        Command::new(["mv", "-f", partial.as_str(), staged.as_str()]),
+                        quick,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn curl(url: &str, output: Option<&str>) -> Command {
+    let command = Command::new(["curl", "-fsSL", "--retry", "3", "--connect-timeout", "10"]);
+    match output {
+        Some(path) => command.args(["-o", path, url]),
+        None => command.arg(url),
+    }
+}
+
+fn release_url(base: &str, version: &KubeVersion, arch: Arch, binary: Binary) -> String {
+    format!(
+        "{}/{version}/bin/linux/{}/{}",
+        base.trim_end_matches('/'),
+        arch.name(),
+        binary.name()
+    )
+}
+
+/// dl.k8s.io publishes the bare hex digest; `sha256sum` output (`<hex>  <name>`) is accepted too.
+fn parse_published_digest(text: &str) -> Option<String> {
+    let digest = text.split_whitespace().next()?.to_ascii_lowercase();
+    (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_digests() {
+        let hex = "a".repeat(64);
+        assert_eq!(
+            parse_published_digest(&format!("{hex}\n")),
+            Some(hex.clone())
+        );
+        assert_eq!(
+            parse_published_digest(&format!("{hex}  kubeadm\n")),
+            Some(hex.clone())
+        );
+        assert_eq!(parse_published_digest("<html>not found</html>"), None);
+        assert_eq!(parse_published_digest(""), None);
+    }
+
+    #[test]
+    fn release_urls_follow_dl_k8s_io() {
+        let v: KubeVersion = "v1.32.3".parse().unwrap();
+        assert_eq!(
+            release_url(
+                "http://127.0.0.1:8080/release/",
+                &v,
+                Arch::Amd64,
+                Binary::Kubelet
+            ),
+            "http://127.0.0.1:8080/release/v1.32.3/bin/linux/amd64/kubelet"
+        );
+    }
+}
