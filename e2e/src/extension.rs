@@ -63,11 +63,22 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Choices for [`ExtensionProcess::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The artifact cache directory; by default a new one in the process dir. A given directory
+    /// may hold a cache warmed before; only one process may use it at a time.
+    pub artifact_cache_dir: Option<PathBuf>,
+    /// More `capd-inplace serve` flags, e.g. `--max-concurrent-upgrades 20`.
+    pub extra_args: Vec<String>,
+}
+
 /// One `capd-inplace serve` process.
 pub struct ExtensionProcess {
     binary: PathBuf,
     dir: tempfile::TempDir,
     artifact_url: String,
+    options: ServeOptions,
     port: u16,
     health_port: u16,
     metrics_port: u16,
@@ -78,6 +89,11 @@ pub struct ExtensionProcess {
 impl ExtensionProcess {
     /// Starts `capd-inplace serve` with `--artifact-url artifact_url` and waits until it answers.
     pub async fn start(artifact_url: &str) -> Result<ExtensionProcess> {
+        Self::start_with(artifact_url, ServeOptions::default()).await
+    }
+
+    /// [`ExtensionProcess::start`] with [`ServeOptions`].
+    pub async fn start_with(artifact_url: &str, options: ServeOptions) -> Result<ExtensionProcess> {
         let mut process = ExtensionProcess {
             binary: binary()?,
             dir: tempfile::Builder::new()
@@ -85,6 +101,7 @@ impl ExtensionProcess {
                 .tempdir()
                 .map_err(io("create the process dir"))?,
             artifact_url: artifact_url.to_string(),
+            options,
             port: free_port()?,
             health_port: free_port()?,
             metrics_port: free_port()?,
@@ -107,7 +124,11 @@ impl ExtensionProcess {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).map_err(io("create the log file"))?;
         let log_err = log.try_clone().map_err(io("clone the log file"))?;
-        let cache = self.dir.path().join("cache");
+        let cache = self
+            .options
+            .artifact_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("cache"));
         let child = Command::new(&self.binary)
             .arg("serve")
             .args(["--bind-address", &format!("127.0.0.1:{}", self.port)])
@@ -125,6 +146,7 @@ impl ExtensionProcess {
             .args(["--artifact-url", &self.artifact_url])
             .arg("--artifact-cache-dir")
             .arg(&cache)
+            .args(&self.options.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -166,6 +188,11 @@ impl ExtensionProcess {
     /// The dev CA PEM (`caBundle`).
     pub fn ca_pem(&self) -> Result<String> {
         std::fs::read_to_string(self.cert_dir().join("ca.crt")).map_err(io("read ca.crt"))
+    }
+
+    /// The running process's id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL (no graceful shutdown), and reap.
