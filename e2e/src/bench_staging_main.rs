@@ -1,0 +1,496 @@
+//! `bench-staging`: how fast kubeadm, kubelet and kubectl, padded to the real binaries' sizes,
+//! reach 1, 5 and 10 simulated nodes, four ways, on the same clusters in one run:
+//!
+//! * (a) `capd-inplace stage` with a cold artifact cache (one download from the mirror, then an
+//!   upload through the Docker archive API and a sha256 check in every node);
+//! * (b) the same with the now warm cache;
+//! * (c) `docker cp` of the same three files into every node in parallel, checking nothing: the
+//!   practical floor;
+//! * (d) `docker exec <node> curl` from the mirror in every node in parallel, checking nothing.
+//!
+//! Every variant starts from nodes without `/var/lib/capd-inplace` and with the host's dirty pages
+//! written back, and ends with the three files of the right sizes in every node. Bytes read from
+//! the mirror come from the mirror's own log line per response. After (c), the staged files are
+//! also hashed in every node at once, with sha256sum and with openssl, untimed by (c), to show
+//! what the verification in the stage step costs by itself. Wrapped by `scripts/bench-staging.sh`; prints a Markdown fragment on
+//! stdout and progress on stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use capd_inplace_e2e::bench::{Progress, Table, megabytes, ratio, secs};
+use capd_inplace_e2e::extension;
+use capd_inplace_e2e::sim::{ArtifactSizes, Options, SimCluster};
+use capd_inplace_e2e::sim_artifacts::{self, ARCH, TOOLS};
+
+const USAGE: &str =
+    "usage: bench-staging [--nodes 1,5,10] [--from v1.31.4] [--to v1.32.3] [--invoked-as TEXT]";
+/// Where the engine stages a version; the floor and the naive variant write to the same place.
+const STAGE_ROOT: &str = "/var/lib/capd-inplace";
+
+struct Args {
+    nodes: Vec<usize>,
+    from: String,
+    to: String,
+    invoked_as: String,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        nodes: vec![1, 5, 10],
+        from: "v1.31.4".into(),
+        to: "v1.32.3".into(),
+        invoked_as: "bench-staging".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().context(USAGE)?;
+        match flag.as_str() {
+            "--nodes" => {
+                args.nodes = value
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--nodes takes a comma-separated list of node counts")?;
+                if args.nodes.contains(&0) {
+                    bail!("--nodes: every count must be at least 1");
+                }
+            }
+            "--from" => args.from = value,
+            "--to" => args.to = value,
+            "--invoked-as" => args.invoked_as = value,
+            _ => bail!(USAGE),
+        }
+    }
+    Ok(args)
+}
+
+/// What one variant cost on one cluster.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    wall: Duration,
+    /// Body bytes the mirror wrote, checksum files included.
+    mirror_bytes: u64,
+    /// GETs of a binary (not of a `.sha256`) the mirror answered with 200.
+    binary_downloads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Cold,
+    Warm,
+    DockerCp,
+    Curl,
+}
+
+impl Variant {
+    const ALL: [Variant; 4] = [
+        Variant::Cold,
+        Variant::Warm,
+        Variant::DockerCp,
+        Variant::Curl,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Cold => "(a) capd-inplace stage, cold cache",
+            Variant::Warm => "(b) capd-inplace stage, warm cache",
+            Variant::DockerCp => "(c) docker cp, parallel",
+            Variant::Curl => "(d) docker exec curl, parallel",
+        }
+    }
+}
+
+struct Bench {
+    capd_inplace: PathBuf,
+    to: String,
+    /// The three published files on the host, fully written (not sparse), laid out as
+    /// `<dir>/capd-inplace/<version>/bin/<tool>` so that one `docker cp` per node places them.
+    floor_source: PathBuf,
+    sizes: Vec<u64>,
+    /// Holds `floor_source` and the cold caches.
+    _work: tempfile::TempDir,
+    work: PathBuf,
+}
+
+impl Bench {
+    fn staged_dir(&self) -> String {
+        format!("{STAGE_ROOT}/{}/bin", self.to)
+    }
+
+    async fn run(&self, cluster: &SimCluster, variant: Variant) -> anyhow::Result<Measured> {
+        clean(cluster).await?;
+        // Gigabytes written by the previous variant may still be on their way to disk; writing
+        // them back here keeps that cost out of the next variant's time.
+        run_ok(tokio::process::Command::new("sync"), "sync").await?;
+        let served_before = cluster.mirror_served().await?.len();
+        let cache = self.work.join(format!("cache-{}", cluster.name()));
+        let start = Instant::now();
+        match variant {
+            Variant::Cold | Variant::Warm => {
+                if variant == Variant::Cold && cache.exists() {
+                    bail!("{} is not a cold cache", cache.display());
+                }
+                self.stage(cluster, &cache).await?
+            }
+            Variant::DockerCp => self.docker_cp(cluster).await?,
+            Variant::Curl => self.curl(cluster).await?,
+        }
+        let wall = start.elapsed();
+        let served = cluster.mirror_served().await?;
+        let new = &served[served_before.min(served.len())..];
+        self.check_staged(cluster).await?;
+        Ok(Measured {
+            wall,
+            mirror_bytes: new.iter().map(|s| s.body_bytes).sum(),
+            binary_downloads: new
+                .iter()
+                .filter(|s| s.method == "GET" && s.status == 200 && !s.target.ends_with(".sha256"))
+                .count(),
+        })
+    }
+
+    async fn stage(&self, cluster: &SimCluster, cache: &Path) -> anyhow::Result<()> {
+        let nodes = cluster.nodes().len().to_string();
+        let mut command = tokio::process::Command::new(&self.capd_inplace);
+        command
+            .args(["stage", "--cluster", cluster.name(), "--to", &self.to])
+            .args(["--artifact-url", &cluster.mirror().host_url])
+            .arg("--artifact-cache-dir")
+            .arg(cache)
+            .args(["--parallel", &nodes]);
+        run_ok(command, "capd-inplace stage").await
+    }
+
+    async fn docker_cp(&self, cluster: &SimCluster) -> anyhow::Result<()> {
+        let source = self.floor_source.join("capd-inplace");
+        let copies = cluster.nodes().iter().map(|node| {
+            let mut command = tokio::process::Command::new("docker");
+            command
+                .args(["cp", "-q"])
+                .arg(&source)
+                .arg(format!("{}:/var/lib/", node.name));
+            run_ok(command, "docker cp")
+        });
+        futures::future::try_join_all(copies).await?;
+        Ok(())
+    }
+
+    async fn curl(&self, cluster: &SimCluster) -> anyhow::Result<()> {
+        let base = format!(
+            "{}/{}/bin/linux/{ARCH}",
+            cluster.mirror().network_url,
+            self.to
+        );
+        let dir = self.staged_dir();
+        let fetches = cluster.nodes().iter().map(|node| {
+            let mut command = tokio::process::Command::new("docker");
+            command.args(["exec", &node.name, "curl", "-fsS", "--create-dirs"]);
+            for tool in TOOLS {
+                command
+                    .arg("-o")
+                    .arg(format!("{dir}/{tool}"))
+                    .arg(format!("{base}/{tool}"));
+            }
+            run_ok(command, "docker exec curl")
+        });
+        futures::future::try_join_all(fetches).await?;
+        Ok(())
+    }
+
+    /// How long hashing the staged files takes in every node at once: with `sha256sum` (what
+    /// the engine's stage step runs to verify them) and with `openssl dgst -sha256`.
+    async fn hash_costs(&self, cluster: &SimCluster) -> anyhow::Result<(Duration, Duration)> {
+        let dir = self.staged_dir();
+        let paths: Vec<String> = TOOLS.iter().map(|t| format!("{dir}/{t}")).collect();
+        let mut costs = Vec::new();
+        for tool in [
+            &["sha256sum"][..],
+            &["openssl", "dgst", "-sha256", "-r"][..],
+        ] {
+            let start = Instant::now();
+            let runs = cluster.nodes().iter().map(|node| {
+                let mut argv = tool.to_vec();
+                argv.extend(paths.iter().map(String::as_str));
+                async move { cluster.exec_ok(&node.name, &argv).await }
+            });
+            futures::future::try_join_all(runs).await?;
+            costs.push(start.elapsed());
+        }
+        Ok((costs[0], costs[1]))
+    }
+
+    /// Every node holds the three files at their published sizes (the engine variants also
+    /// checked their sha256 in the node; the others check nothing, as timed).
+    async fn check_staged(&self, cluster: &SimCluster) -> anyhow::Result<()> {
+        let dir = self.staged_dir();
+        let paths: Vec<String> = TOOLS.iter().map(|t| format!("{dir}/{t}")).collect();
+        let want: Vec<String> = self.sizes.iter().map(u64::to_string).collect();
+        let checks = cluster.nodes().iter().map(|node| async {
+            let mut argv = vec!["stat", "-c", "%s"];
+            argv.extend(paths.iter().map(String::as_str));
+            let out = cluster.exec_ok(&node.name, &argv).await?;
+            let got: Vec<&str> = out.stdout.split_whitespace().collect();
+            if got != want {
+                bail!("{}: staged sizes {got:?}, expected {want:?}", node.name);
+            }
+            Ok(())
+        });
+        futures::future::try_join_all(checks).await?;
+        Ok(())
+    }
+}
+
+/// Removes everything staged, so each variant starts from the same empty node.
+async fn clean(cluster: &SimCluster) -> anyhow::Result<()> {
+    let removals = cluster
+        .nodes()
+        .iter()
+        .map(|node| cluster.exec_ok(&node.name, &["rm", "-rf", STAGE_ROOT]));
+    futures::future::try_join_all(removals).await?;
+    Ok(())
+}
+
+async fn run_ok(mut command: tokio::process::Command, what: &str) -> anyhow::Result<()> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("start {what}"))?;
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Copies `from` byte by byte, so the copy is fully allocated whatever holes `from` has.
+fn write_dense_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut input = std::fs::File::open(from)?;
+    let mut output = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o755)
+        .open(to)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = input.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        output.write_all(&buffer[..n])?;
+        total += n as u64;
+    }
+    output.sync_all()?;
+    Ok(total)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let progress = Progress::default();
+    let capd_inplace = extension::binary()?;
+    let simnode = sim_artifacts::simnode_binary()?;
+
+    progress.say("padded mirror tree (built once, then cached)");
+    let tree = {
+        let simnode = simnode.clone();
+        tokio::task::spawn_blocking(move || {
+            sim_artifacts::ensure_sized_mirror_tree(&simnode, ArtifactSizes::REAL)
+        })
+        .await??
+    };
+    let published = tree
+        .join("release")
+        .join(&args.to)
+        .join("bin/linux")
+        .join(ARCH);
+    let work = tempfile::Builder::new()
+        .prefix("capd-inplace-bench-staging-")
+        .tempdir()?;
+    let floor_bin = work
+        .path()
+        .join("floor/capd-inplace")
+        .join(&args.to)
+        .join("bin");
+    std::fs::create_dir_all(&floor_bin)?;
+    let mut sizes = Vec::new();
+    for tool in TOOLS {
+        sizes.push(write_dense_copy(
+            &published.join(tool),
+            &floor_bin.join(tool),
+        )?);
+    }
+    let total: u64 = sizes.iter().sum();
+
+    progress.say(format!(
+        "creating clusters of {:?} nodes in parallel",
+        args.nodes
+    ));
+    let setup = Instant::now();
+    let options = Options {
+        artifact_sizes: ArtifactSizes::REAL,
+    };
+    let clusters = futures::future::try_join_all(args.nodes.iter().map(|&n| {
+        let name = format!("bench-stage-{n}");
+        let from = args.from.clone();
+        async move { SimCluster::up_with(&name, 1, n - 1, &from, options).await }
+    }))
+    .await?;
+    let setup = setup.elapsed();
+    progress.say(format!("clusters up in {}s", secs(setup)));
+
+    let bench = Bench {
+        capd_inplace,
+        to: args.to.clone(),
+        floor_source: work.path().join("floor"),
+        sizes: sizes.clone(),
+        work: work.path().to_path_buf(),
+        _work: work,
+    };
+    let mut results: Vec<Row> = Vec::new();
+    for (cluster, &n) in clusters.iter().zip(&args.nodes) {
+        let mut measured = Vec::new();
+        let mut hashing = (Duration::ZERO, Duration::ZERO);
+        for variant in Variant::ALL {
+            progress.say(format!("{n} node(s): {}", variant.label()));
+            let m = bench.run(cluster, variant).await?;
+            progress.say(format!(
+                "{n} node(s): {} took {}s, {} MB from the mirror",
+                variant.label(),
+                secs(m.wall),
+                megabytes(m.mirror_bytes)
+            ));
+            measured.push(m);
+            if variant == Variant::DockerCp {
+                // Outside any timed variant: what verifying the staged bytes costs by itself.
+                hashing = bench.hash_costs(cluster).await?;
+            }
+        }
+        clean(cluster).await?;
+        results.push(Row {
+            nodes: n,
+            measured,
+            hashing,
+        });
+    }
+    for cluster in clusters {
+        cluster.down().await?;
+    }
+
+    print_report(&args, &sizes, total, setup, progress.elapsed(), &results);
+    Ok(())
+}
+
+/// One node count's results: the variants in [`Variant::ALL`] order, and the in-node hashing
+/// times (sha256sum, openssl) of the staged files in every node at once.
+struct Row {
+    nodes: usize,
+    measured: Vec<Measured>,
+    hashing: (Duration, Duration),
+}
+
+fn print_report(
+    args: &Args,
+    sizes: &[u64],
+    total: u64,
+    setup: Duration,
+    runtime: Duration,
+    results: &[Row],
+) {
+    let mut out = String::new();
+    out.push_str("### Staging: capd-inplace against docker cp and curl\n\n");
+    out.push_str(&format!("Command: `{}`\n\n", args.invoked_as));
+    out.push_str(&format!(
+        "{} → {}: kubeadm, kubelet and kubectl padded to {} + {} + {} = {total} bytes ({} MB). \
+         Each variant starts from nodes without `{STAGE_ROOT}` and after a `sync`; wall time \
+         from start to the last node done. {} cores; clusters created in {} s; whole run {} s.\n\n",
+        args.from,
+        args.to,
+        sizes[0],
+        sizes[1],
+        sizes[2],
+        megabytes(total),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        secs(setup),
+        secs(runtime),
+    ));
+    let mut times = Table::new([
+        "nodes",
+        "(a) cold (s)",
+        "(b) warm (s)",
+        "(c) docker cp (s)",
+        "(d) curl (s)",
+        "(b)/(c)",
+        "(a)/(c)",
+        "(d)/(c)",
+    ]);
+    let mut bytes = Table::new([
+        "nodes",
+        "(a) cold: MB (binary GETs)",
+        "(b) warm: MB (binary GETs)",
+        "(c) docker cp: MB (binary GETs)",
+        "(d) curl: MB (binary GETs)",
+    ]);
+    let mut hashing = Table::new([
+        "nodes",
+        "sha256sum in every node (s)",
+        "openssl dgst -sha256 in every node (s)",
+    ]);
+    let mut warm_ok = true;
+    let mut one_download = true;
+    for Row {
+        nodes: n,
+        measured: row,
+        hashing: (sha256sum, openssl),
+    } in results
+    {
+        let [cold, warm, cp, curl] = [row[0], row[1], row[2], row[3]];
+        hashing.row([n.to_string(), secs(*sha256sum), secs(*openssl)]);
+        times.row([
+            n.to_string(),
+            secs(cold.wall),
+            secs(warm.wall),
+            secs(cp.wall),
+            secs(curl.wall),
+            ratio(warm.wall, cp.wall),
+            ratio(cold.wall, cp.wall),
+            ratio(curl.wall, cp.wall),
+        ]);
+        bytes.row(
+            [n.to_string()].into_iter().chain(
+                row.iter()
+                    .map(|m| format!("{} ({})", megabytes(m.mirror_bytes), m.binary_downloads)),
+            ),
+        );
+        warm_ok &= warm.wall.as_secs_f64() <= 1.2 * cp.wall.as_secs_f64();
+        // Checksum files (64 hex digits each) are the only other bytes a cold fetch reads.
+        one_download &= cold.binary_downloads == TOOLS.len()
+            && cold.mirror_bytes == total + 64 * TOOLS.len() as u64
+            && warm.mirror_bytes == 0;
+    }
+    out.push_str(&times.render());
+    out.push_str("\nBytes read from the mirror (response bodies, `.sha256` files included):\n\n");
+    out.push_str(&bytes.render());
+    out.push_str(
+        "\nWhat verifying the staged files costs by itself (the three files hashed in every node \
+         at once, after (c), untimed there; the stage step verifies with sha256sum):\n\n",
+    );
+    out.push_str(&hashing.render());
+    out.push_str(&format!(
+        "\nVerdict: (b) within 1.2× of (c) at every node count: {}; one download per version \
+         (cold: the three files once plus their checksums, warm: 0 bytes) at every node count: {}.\n",
+        if warm_ok { "yes" } else { "no" },
+        if one_download { "yes" } else { "no" },
+    ));
+    print!("{out}");
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Scale benchmark: simulated clusters of one control plane and W workers (W = 1, 5, 10, 20)
+# upgraded in place through the real `capd-inplace serve` process, driven by the CAPI-faithful
+# driver with MachineDeployment maxUnavailable = W (all workers at once) and a warm artifact
+# cache. Reports the whole upgrade's and the worker phase's wall time, the extension's peak RSS,
+# and the per-step durations at the largest W (e2e/src/bench_scale_main.rs).
+#
+#   scripts/bench-scale.sh                # WORKERS=1,5,10,20 by default
+#   WORKERS=1,5 scripts/bench-scale.sh
+#
+# Markdown on stdout, progress on stderr. Local Docker Engine only; the clusters are removed on
+# exit, also after a failure or an interrupt.
+set -euo pipefail
+
+WORKERS="${WORKERS:-1,5,10,20}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+cargo build -q --release -p capd-inplace -p capd-inplace-e2e -p capd-inplace-simnode
+bin="$root/target/release"
+export CAPD_SIMNODE_BIN="$bin/simnode" CAPD_INPLACE_BIN="$bin/capd-inplace"
+
+cleanup() {
+  for name in warmup ${WORKERS//,/ }; do
+    "$bin/simcluster" down "bench-scale-$name" >/dev/null 2>&1 || true
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+command="scripts/bench-scale.sh"
+[ "$WORKERS" = "1,5,10,20" ] || command="WORKERS=$WORKERS $command"
+"$bin/bench-scale" --workers "$WORKERS" --invoked-as "$command"
