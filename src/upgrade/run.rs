@@ -525,7 +525,7 @@ pub(super) fn next_answer(answers: &mut impl Iterator<Item = ExecOutput>) -> Exe
 }
 
 /// The stdout of a command that must have succeeded.
-fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
+pub(super) fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
     if output.exit_code != 0 {
         return Err(output.into_error(container).into());
     }
