@@ -25,9 +25,10 @@ test:
 	bash scripts/build-simnode-image.sh >/dev/null
 	$(CARGO) test --workspace
 
-## bench: the in-process CanUpdateMachine decision (criterion)
+## bench: every benchmark (hook load, staging, node overhead, scale, decision), unattended;
+## writes the tables into docs/benchmarks.md (needs a Docker Engine)
 bench:
-	$(CARGO) bench --bench can_update
+	bash scripts/bench.sh
 
 ## e2e: the CAPI-faithful end-to-end scenarios on simulated clusters (needs a Docker Engine)
 e2e:

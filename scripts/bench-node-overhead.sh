@@ -3,8 +3,10 @@
 # the same `docker exec` steps (the way kinder-style scripts upgrade kind nodes), each on a fresh
 # simulated 1-node cluster, v1.31.4 -> v1.32.3, with the binaries already on the host (warm cache).
 #
-# Prints a Markdown table row per run and the median ratio. Bounded: RUNS clusters of one node
-# each, on the local Docker Engine only.
+# Prints a Markdown fragment on stdout (progress on stderr): a row per run, the median ratio, the
+# execs each contender ran (counted from the Engine's exec_create events, not from the code), and
+# where capd-inplace's time went by step (from its `step finished` log lines). Bounded: RUNS + 1
+# clusters of one node per contender, on the local Docker Engine only.
 set -euo pipefail
 
 RUNS="${RUNS:-3}"
@@ -18,7 +20,9 @@ bin="$root/target/release"
 export CAPD_SIMNODE_BIN="$bin/simnode"
 work="$(mktemp -d /var/tmp/capd-inplace-bench.XXXXXX)"
 clusters=()
+watcher=""
 cleanup() {
+  [ -n "$watcher" ] && kill "$watcher" 2>/dev/null
   for c in "${clusters[@]}"; do "$bin/simcluster" down "$c" >/dev/null 2>&1 || true; done
   rm -rf "$work"
 }
@@ -30,6 +34,19 @@ up() { # name -> prints the host mirror URL
 }
 
 now() { date +%s.%N; }
+
+# Counts the execs started in container $1 until stop_counting; the count lands in $work/$2.
+count_execs() {
+  docker events --filter event=exec_create --filter "container=$1" --format x > "$work/$2" &
+  watcher=$!
+  sleep 0.5 # let the subscription start before the work does
+}
+stop_counting() {
+  sleep 0.5
+  kill "$watcher" 2>/dev/null
+  wait "$watcher" 2>/dev/null || true
+  watcher=""
+}
 
 plain_upgrade() { # node
   local n="$1" kc=(kubectl --kubeconfig /etc/kubernetes/admin.conf)
@@ -52,6 +69,7 @@ plain_upgrade() { # node
 
 # The binaries, fetched once from a simulated mirror and laid out as a file:// mirror, so both
 # contenders start from local files (capd-inplace still verifies them into its cache).
+echo "bench-node-overhead: preparing binaries" >&2
 mirror="$(up bench-src)"
 local_mirror="$work/mirror"
 mkdir -p "$work/bin" "$local_mirror/$TO/bin/linux/amd64"
@@ -64,27 +82,52 @@ done
 
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", b - a}'; }
 
-echo "| run | capd-inplace (s) | plain script (s) | ratio | difference (s) |"
-echo "|---|---|---|---|---|"
+rows=()
 ratios=()
-# Run 0 warms the cache and the page cache and is not reported.
+# Run 0 warms caches and is not reported.
 for i in $(seq 0 "$RUNS"); do
+  echo "bench-node-overhead: run $i of $RUNS" >&2
   up "bench-a$i" >/dev/null
+  count_execs "bench-a$i-cp-0" execs-ours
   start="$(now)"
-  "$bin/capd-inplace" upgrade --cluster "bench-a$i" --to "$TO" --artifact-url "file://$local_mirror" \
-    --artifact-cache-dir "$work/cache" >/dev/null
+  RUST_LOG=capd_inplace=info "$bin/capd-inplace" --log-format json upgrade --cluster "bench-a$i" \
+    --to "$TO" --artifact-url "file://$local_mirror" --artifact-cache-dir "$work/cache" \
+    >/dev/null 2>"$work/log-$i"
   ours="$(elapsed "$start" "$(now)")"
+  stop_counting
   "$bin/simcluster" down "bench-a$i" >/dev/null
   up "bench-b$i" >/dev/null
+  count_execs "bench-b$i-cp-0" execs-plain
   start="$(now)"
   plain_upgrade "bench-b$i-cp-0"
   plain="$(elapsed "$start" "$(now)")"
+  stop_counting
   "$bin/simcluster" down "bench-b$i" >/dev/null
   [ "$i" -eq 0 ] && continue
   ratio="$(awk -v a="$ours" -v b="$plain" 'BEGIN {printf "%.2f", a / b}')"
   ratios+=("$ratio")
-  echo "| $i | $ours | $plain | $ratio | $(awk -v a="$ours" -v b="$plain" 'BEGIN {printf "%.2f", a - b}') |"
+  rows+=("| $i | $ours | $plain | $ratio | $(awk -v a="$ours" -v b="$plain" 'BEGIN {printf "%.2f", a - b}') |")
 done
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')"
+
+echo "### One node upgrade: capd-inplace against a plain script"
 echo
-echo "median ratio: $median (runs: $RUNS; $(nproc) cores)"
+echo "\`RUNS=$RUNS scripts/bench-node-overhead.sh\`: a fresh simulated one-node cluster per run and"
+echo "contender, $FROM to $TO, binaries already local (a \`file://\` mirror that capd-inplace still"
+echo "verifies into its cache; \`docker cp\` for the script). Run 0 warms caches and is not reported."
+echo
+echo "| run | capd-inplace (s) | plain script (s) | ratio | difference (s) |"
+echo "|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+echo
+echo "Median ratio **$median** (aim: 1.1 or less). Execs in the node in the last run, counted from"
+echo "the Engine's \`exec_create\` events: capd-inplace $(wc -l < "$work/execs-ours"), plain script $(wc -l < "$work/execs-plain")."
+echo
+echo "Where capd-inplace's time went, mean over the reported runs (\`step finished\` log lines):"
+echo
+echo "| step | mean (ms) |"
+echo "|---|---|"
+for i in $(seq 1 "$RUNS"); do cat "$work/log-$i"; done | grep '"step finished"' |
+  sed -n 's/.*"step":"\([a-z-]*\)","elapsed_ms":\([0-9]*\).*/\1 \2/p' |
+  awk -v runs="$RUNS" '!($1 in sum) {order[++n] = $1} {sum[$1] += $2}
+    END {for (i = 1; i <= n; i++) printf "| %s | %.0f |\n", order[i], sum[order[i]] / runs}'

@@ -154,6 +154,7 @@ impl Engine {
                 source,
             };
             progress.send_replace(Progress::Running(Step::Preflight));
+            let started = std::time::Instant::now();
             // The label check happens here, before any exec in any container.
             let node = self
                 .docker
@@ -163,7 +164,14 @@ impl Engine {
             let lease = Lease::acquire(&node, &self.owner, self.timeouts.lease)
                 .await
                 .map_err(|e| step_error(Step::Preflight, e))?;
-            let mut session = match Session::open(self, node, target, options).await {
+            let opened = Session::open(self, node, target, options).await;
+            info!(
+                step = Step::Preflight.id(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                ok = opened.is_ok(),
+                "step finished"
+            );
+            let mut session = match opened {
                 Ok(session) => session,
                 Err(e) => {
                     // A refusal must not hold the node: the next caller may be right.
@@ -446,6 +454,8 @@ struct Session<'a> {
     plan: Plan,
     staging: Staging<'a>,
     known: Known,
+    /// The Node as read in the same exec as the last drain or uncordon, for its verification.
+    node_after_action: Option<NodeStatus>,
     already_at_target: bool,
 }
 
@@ -515,7 +525,7 @@ pub(super) fn next_answer(answers: &mut impl Iterator<Item = ExecOutput>) -> Exe
 }
 
 /// The stdout of a command that must have succeeded.
-fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
+pub(super) fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
     if output.exit_code != 0 {
         return Err(output.into_error(container).into());
     }
@@ -699,6 +709,7 @@ impl<'a> Session<'a> {
                 apiserver: own_apiserver,
                 kubelet_replaced: false,
             },
+            node_after_action: None,
             already_at_target: false,
         };
         // A node that already runs the target everywhere, and that we are not in the middle of
@@ -826,8 +837,7 @@ impl<'a> Session<'a> {
             Step::VerifyNode => Ok(()),
             Step::Uncordon => {
                 let name = self.node.name().to_string();
-                exec_ok(
-                    &self.control_plane,
+                self.kubectl_then_read_node(
                     kubectl_command(["uncordon", name.as_str()]),
                     self.engine.timeouts.command,
                 )
@@ -853,11 +863,10 @@ impl<'a> Session<'a> {
         let v = self.target.version;
         match step {
             Step::Preflight => Ok(()),
-            Step::Drain if !self.node_status().await?.unschedulable => Err(Error::Verify(format!(
-                "Node {} is still schedulable after drain",
-                self.node.name()
-            ))),
-            Step::Uncordon if self.node_status().await?.unschedulable => Err(Error::Verify(
+            Step::Drain if !self.node_after_action().await?.unschedulable => Err(Error::Verify(
+                format!("Node {} is still schedulable after drain", self.node.name()),
+            )),
+            Step::Uncordon if self.node_after_action().await?.unschedulable => Err(Error::Verify(
                 format!("Node {} is still cordoned after uncordon", self.node.name()),
             )),
             Step::Drain | Step::Uncordon => Ok(()),
@@ -1046,8 +1055,7 @@ impl<'a> Session<'a> {
         }
         let name = self.node.name().to_string();
         let timeout = format!("--timeout={}s", self.options.drain_timeout.as_secs());
-        exec_ok(
-            &self.control_plane,
+        self.kubectl_then_read_node(
             kubectl_command([
                 "drain",
                 name.as_str(),
@@ -1058,8 +1066,35 @@ impl<'a> Session<'a> {
             ]),
             self.options.drain_timeout + Duration::from_secs(30),
         )
-        .await?;
+        .await
+    }
+
+    /// Runs a kubectl `action` on the Node and reads the Node right after it, in one batch on
+    /// the control plane; the step's verification then looks at what was read.
+    async fn kubectl_then_read_node(&mut self, action: Command, timeout: Duration) -> Result<()> {
+        let name = self.node.name().to_string();
+        let mut batch = Batch::new(timeout + self.engine.timeouts.command);
+        batch.push(&action);
+        batch.push(&kubectl_command([
+            "get",
+            "node",
+            name.as_str(),
+            "-o",
+            "json",
+        ]));
+        let mut answers = batch.run(&self.control_plane).await?.into_iter();
+        stdout_of(next_answer(&mut answers), self.control_plane.name())?;
+        let json = stdout_of(next_answer(&mut answers), self.control_plane.name())?;
+        self.node_after_action = Some(facts::node(&json)?);
         Ok(())
+    }
+
+    /// The Node as read right after this attempt's last kubectl action, or now.
+    async fn node_after_action(&mut self) -> Result<NodeStatus> {
+        match self.node_after_action.take() {
+            Some(status) => Ok(status),
+            None => self.node_status().await,
+        }
     }
 
     async fn kubelet_active(&self) -> Result<bool> {

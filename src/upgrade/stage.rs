@@ -3,9 +3,11 @@
 //! it first; `capd-inplace stage` runs it alone, ahead of a maintenance window.
 
 use super::journal::Paths;
-use super::run::{Source, Timeouts, exec_ok, next_answer, parse_version, version_command};
+use super::run::{
+    Source, Timeouts, exec_ok, next_answer, parse_version, stdout_of, version_command,
+};
 use super::{Error, Result};
-use crate::artifacts::{Arch, Binary};
+use crate::artifacts::{Arch, Binary, KubeBinaries};
 use crate::node::{Batch, Command, DockerNode, ExecOutput, NodeExec, UploadFile};
 use crate::version::KubeVersion;
 
@@ -19,6 +21,8 @@ pub(super) struct Staging<'a> {
     pub(super) timeouts: &'a Timeouts,
     /// Expected sha256 of each staged binary, once known.
     digests: Vec<(Binary, String)>,
+    /// The verified binaries in the host cache, once fetched (upload only).
+    cached: Option<KubeBinaries>,
 }
 
 impl<'a> Staging<'a> {
@@ -37,6 +41,7 @@ impl<'a> Staging<'a> {
             arch,
             timeouts,
             digests: Vec::new(),
+            cached: None,
         }
     }
 
@@ -52,27 +57,39 @@ impl<'a> Staging<'a> {
         if !self.digests.is_empty() {
             return Ok(());
         }
-        for binary in Binary::ALL {
-            let digest = match &self.source {
-                Source::Upload(cache) => {
-                    cache
-                        .fetch(&self.version.to_string(), self.arch, binary)
-                        .await?
-                        .sha256
+        match self.source {
+            Source::Upload(cache) => {
+                // The three downloads of a cold cache run in parallel.
+                let cached = cache
+                    .fetch_all(&self.version.to_string(), self.arch)
+                    .await?;
+                self.digests = Binary::ALL
+                    .into_iter()
+                    .map(|binary| (binary, cached.get(binary).sha256.clone()))
+                    .collect();
+                self.cached = Some(cached);
+            }
+            Source::FetchInNode { base_url } => {
+                let urls: Vec<(Binary, String)> = Binary::ALL
+                    .into_iter()
+                    .map(|binary| {
+                        let url = release_url(base_url, &self.version, self.arch, binary);
+                        (binary, format!("{url}.sha256"))
+                    })
+                    .collect();
+                let mut batch = Batch::new(self.timeouts.command);
+                for (_, url) in &urls {
+                    batch.push(&curl(url, None));
                 }
-                Source::FetchInNode { base_url } => {
-                    let url = format!(
-                        "{}.sha256",
-                        release_url(base_url, &self.version, self.arch, binary)
-                    );
-                    let published =
-                        exec_ok(&self.node, curl(&url, None), self.timeouts.command).await?;
-                    parse_published_digest(&published).ok_or_else(|| {
+                let answers = batch.run(&self.node).await?;
+                for ((binary, url), answer) in urls.into_iter().zip(answers) {
+                    let published = stdout_of(answer, self.node.name())?;
+                    let digest = parse_published_digest(&published).ok_or_else(|| {
                         Error::Verify(format!("{url} does not hold a sha256 digest"))
-                    })?
+                    })?;
+                    self.digests.push((binary, digest));
                 }
-            };
-            self.digests.push((binary, digest));
+            }
         }
         Ok(())
     }
@@ -140,13 +157,20 @@ impl<'a> Staging<'a> {
         let bin_dir = self.paths.bin_dir();
         match self.source.clone() {
             Source::Upload(cache) => {
-                let mut files = Vec::with_capacity(Binary::ALL.len());
-                for binary in Binary::ALL {
-                    let artifact = cache
-                        .fetch(&self.version.to_string(), self.arch, binary)
-                        .await?;
-                    files.push(UploadFile::from_path(binary.name(), artifact.path, 0o755));
-                }
+                let cached = match self.cached.take() {
+                    Some(cached) => cached,
+                    None => {
+                        cache
+                            .fetch_all(&self.version.to_string(), self.arch)
+                            .await?
+                    }
+                };
+                let files = Binary::ALL
+                    .into_iter()
+                    .map(|binary| {
+                        UploadFile::from_path(binary.name(), cached.get(binary).path.clone(), 0o755)
+                    })
+                    .collect();
                 self.node.upload(&bin_dir, files).await?;
             }
             Source::FetchInNode { base_url } => {

@@ -84,19 +84,15 @@ impl Step {
     }
 
     /// Whether finishing this step is written to the journal at once. Steps whose effect the node
-    /// shows are re-checked on resume and need no record; these are the ones whose completion the
-    /// node cannot show (a worker's `kubeadm upgrade node`, our drain and uncordon, the end), plus
-    /// the long ones, so `status` stays close to the truth. Each write is one exec, so recording
-    /// everything would cost an upgrade about a second.
+    /// shows (binary versions, the running kubelet's version) are re-checked on resume and need
+    /// no record; these are the ones whose completion the node cannot show (a worker's `kubeadm
+    /// upgrade node`, our drain and uncordon, the end), plus the long ones, so `status` stays
+    /// close to the truth. Each write is one exec, so recording everything would cost an upgrade
+    /// about a second.
     pub fn recorded(self) -> bool {
         matches!(
             self,
-            Step::Stage
-                | Step::KubeadmUpgrade
-                | Step::Drain
-                | Step::RestartKubelet
-                | Step::Uncordon
-                | Step::RecordVersion
+            Step::Stage | Step::KubeadmUpgrade | Step::Drain | Step::Uncordon | Step::RecordVersion
         )
     }
 
