@@ -95,22 +95,22 @@ impl<'a> Staging<'a> {
     }
 
     fn hash_staged_command(&self) -> Command {
-        Command::new(["sha256sum", "--"]).args(
+        hash_command(
             self.digests
                 .iter()
                 .map(|(binary, _)| self.paths.staged(binary.name())),
         )
     }
 
-    /// Whether `sha256sum` printed the expected digest for every staged binary. It exits 1 when
-    /// a file is missing; the lines it did print still count.
+    /// Whether the expected digest was printed for every staged binary. A missing file prints
+    /// no line, so it does not match.
     fn digests_match(&self, output: &ExecOutput) -> bool {
         let stdout = String::from_utf8_lossy(&output.stdout);
         self.digests.iter().all(|(binary, digest)| {
             let path = self.paths.staged(binary.name());
             stdout
                 .lines()
-                .any(|line| line.split_once("  ") == Some((digest.as_str(), path.as_str())))
+                .any(|line| hash_line(line) == Some((digest.as_str(), path.as_str())))
         })
     }
 
@@ -190,13 +190,10 @@ impl<'a> Staging<'a> {
                         self.timeouts.kubeadm,
                     )
                     .await?;
-                    let sum = exec_ok(
-                        &self.node,
-                        Command::new(["sha256sum", "--", partial.as_str()]),
-                        quick,
-                    )
-                    .await?;
-                    if sum.split_whitespace().next() != Some(digest.as_str()) {
+                    let sum = exec_ok(&self.node, hash_command([partial.as_str()]), quick).await?;
+                    if sum.lines().next().and_then(hash_line).map(|(hex, _)| hex)
+                        != Some(digest.as_str())
+                    {
                         let _ = self
                             .node
                             .exec(Command::new(["rm", "-f", partial.as_str()]).timeout(quick))
@@ -225,6 +222,28 @@ impl<'a> Staging<'a> {
     }
 }
 
+/// Prints `<sha256 hex> <path>` for each existing file among its arguments. OpenSSL's sha256 uses
+/// the CPU's SHA extensions where coreutils' `sha256sum` does not: about four times faster on
+/// 200 MB of binaries, which is most of what verifying a stage costs. `sha256sum` where there
+/// is no openssl.
+const HASH_FILES: &str = r#"for f do
+  [ -f "$f" ] || continue
+  if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r "$f"; else sha256sum -- "$f"; fi
+done
+"#;
+
+fn hash_command<S: Into<String>>(paths: impl IntoIterator<Item = S>) -> Command {
+    Command::new(["sh", "-c", HASH_FILES, "sh"]).args(paths)
+}
+
+/// `(digest, path)` from a line of `openssl dgst -sha256 -r` (`<hex> *<path>`) or `sha256sum`
+/// (`<hex>  <path>`).
+fn hash_line(line: &str) -> Option<(&str, &str)> {
+    let (digest, rest) = line.split_once(' ')?;
+    let path = rest.strip_prefix('*').or_else(|| rest.strip_prefix(' '))?;
+    Some((digest, path))
+}
+
 fn curl(url: &str, output: Option<&str>) -> Command {
     let command = Command::new(["curl", "-fsSL", "--retry", "3", "--connect-timeout", "10"]);
     match output {
@@ -251,6 +270,22 @@ fn parse_published_digest(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_lines_of_both_tools() {
+        let hex = "b".repeat(64);
+        let path = "/var/lib/capd-inplace/v1.32.3/bin/kubeadm";
+        assert_eq!(
+            hash_line(&format!("{hex} *{path}")),
+            Some((hex.as_str(), path))
+        );
+        assert_eq!(
+            hash_line(&format!("{hex}  {path}")),
+            Some((hex.as_str(), path))
+        );
+        assert_eq!(hash_line(&format!("{hex}{path}")), None);
+        assert_eq!(hash_line(""), None);
+    }
 
     #[test]
     fn published_digests() {
