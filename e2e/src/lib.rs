@@ -1,5 +1,6 @@
 //! End-to-end suite for capd-inplace: the simulated kind node and the CAPI-faithful driver.
 
+pub mod bench;
 pub mod capi;
 pub mod driver;
 pub mod extension;
