@@ -1,39 +1,15 @@
 //! The in-process CanUpdateMachine decision on a realistic request of about 30 KB: the version and
-//! kind image fixture, with the KubeadmConfig padded by files as real clusters carry them.
+//! kind image fixture, with the KubeadmConfig padded by files as real clusters carry them. The
+//! request comes from `capd_inplace_e2e::bench`, which the hook-path load test loads too.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 
 use capd_inplace::hooks::can_update::can_update_machine;
 use capd_inplace::hooks::types::CanUpdateMachineRequest;
-use serde_json::{Value, json};
-
-const FIXTURE: &str = include_str!("../testdata/hooks/machine-version-and-kind-image.request.json");
-const TARGET_BYTES: usize = 30 * 1024;
-
-fn padded_request() -> Vec<u8> {
-    let mut request: Value = serde_json::from_str(FIXTURE).expect("fixture is JSON");
-    let mut index = 0;
-    while serde_json::to_vec(&request).expect("serializable").len() < TARGET_BYTES {
-        let file = json!({
-            "path": format!("/etc/kubernetes/extra/config-{index}.yaml"),
-            "owner": "root:root",
-            "permissions": "0644",
-            "content": format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: extra-{index}\ndata:\n  key: value-{index}\n  other: {}\n", "x".repeat(200)),
-        });
-        for side in ["current", "desired"] {
-            request[side]["bootstrapConfig"]["spec"]["files"]
-                .as_array_mut()
-                .expect("files is a list")
-                .push(file.clone());
-        }
-        index += 1;
-    }
-    serde_json::to_vec(&request).expect("serializable")
-}
 
 fn bench(c: &mut Criterion) {
-    let body = padded_request();
+    let body = capd_inplace_e2e::bench::can_update_machine_request();
     eprintln!("request size: {} bytes", body.len());
     // What the handler does per call: decode the body, decide, encode the answer.
     c.bench_function("can_update_machine decode+decide+encode (30 KB)", |b| {

@@ -91,14 +91,14 @@ pub fn can_update_machine(
         &MACHINE,
         &request.settings,
         Objects {
-            owner: request.current.machine.as_ref(),
-            infrastructure: request.current.infrastructure_machine.as_ref(),
-            bootstrap: request.current.bootstrap_config.as_ref(),
+            owner: request.current.machine.as_deref(),
+            infrastructure: request.current.infrastructure_machine.as_deref(),
+            bootstrap: request.current.bootstrap_config.as_deref(),
         },
         Objects {
-            owner: request.desired.machine.as_ref(),
-            infrastructure: request.desired.infrastructure_machine.as_ref(),
-            bootstrap: request.desired.bootstrap_config.as_ref(),
+            owner: request.desired.machine.as_deref(),
+            infrastructure: request.desired.infrastructure_machine.as_deref(),
+            bootstrap: request.desired.bootstrap_config.as_deref(),
         },
     );
     let mut response = CanUpdateMachineResponse::new(ResponseStatus::Success, decision.message);
@@ -118,14 +118,14 @@ pub fn can_update_machine_set(
         &MACHINE_SET,
         &request.settings,
         Objects {
-            owner: request.current.machine_set.as_ref(),
-            infrastructure: request.current.infrastructure_machine_template.as_ref(),
-            bootstrap: request.current.bootstrap_config_template.as_ref(),
+            owner: request.current.machine_set.as_deref(),
+            infrastructure: request.current.infrastructure_machine_template.as_deref(),
+            bootstrap: request.current.bootstrap_config_template.as_deref(),
         },
         Objects {
-            owner: request.desired.machine_set.as_ref(),
-            infrastructure: request.desired.infrastructure_machine_template.as_ref(),
-            bootstrap: request.desired.bootstrap_config_template.as_ref(),
+            owner: request.desired.machine_set.as_deref(),
+            infrastructure: request.desired.infrastructure_machine_template.as_deref(),
+            bootstrap: request.desired.bootstrap_config_template.as_deref(),
         },
     );
     let mut response = CanUpdateMachineSetResponse::new(ResponseStatus::Success, decision.message);
@@ -646,6 +646,15 @@ fn collect_differences<'a>(
     path: &mut Vec<&'a str>,
     found: &mut Vec<Difference<'a>>,
 ) {
+    // Most of a request is equal on both sides (the KubeadmConfig and its files, often the very
+    // same decoded value); comparing in place is far cheaper than walking it key by key.
+    let same = match (current, desired) {
+        (Some(current), Some(desired)) => std::ptr::eq(current, desired) || current == desired,
+        (current, desired) => current.is_none() && desired.is_none(),
+    };
+    if same {
+        return;
+    }
     if let (Some(Value::Object(current_fields)), Some(Value::Object(desired_fields))) =
         (current, desired)
     {

@@ -6,11 +6,17 @@
 //! infrastructure and bootstrap objects) stay arbitrary JSON; [`object`] has the few typed accessors the
 //! policy needs. Responses always carry `apiVersion` and `kind: <Hook>Response`, and
 //! `UpdateMachineResponse` always carries `retryAfterSeconds`, as upstream's `+required` tag says.
+//!
+//! Decoding the objects is most of what a hook call costs, so none is decoded twice or for nothing:
+//! a current and a desired object that arrive as the same bytes are decoded once and shared (see
+//! [`Object`]), and UpdateMachine keeps only the Machine.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The group/version of every hook request and response.
 pub const API_VERSION: &str = "hooks.runtime.cluster.x-k8s.io/v1alpha1";
@@ -170,56 +176,173 @@ pub struct DiscoveryRequest {
 }
 request_type_meta!(DiscoveryRequest, Hook::Discovery);
 
+/// An object of a CanUpdate request. KubeadmControlPlane trims the current and the desired objects
+/// the same way and Go encodes equal objects as equal bytes, so on a plain upgrade the
+/// KubeadmConfig (the bulk of the request, with its files) arrives twice, byte for byte; such a
+/// pair is decoded once and both sides hold the same value.
+pub type Object = Arc<Value>;
+
+/// Decodes one current/desired pair, once when both sides are the same bytes.
+fn decode_pair(
+    current: Option<Box<RawValue>>,
+    desired: Option<Box<RawValue>>,
+) -> Result<(Option<Object>, Option<Object>), serde_json::Error> {
+    let decode = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).map(Arc::new);
+    let current_value = current.as_deref().map(decode).transpose()?;
+    let desired_value = match (&current, &desired, &current_value) {
+        (Some(current), Some(desired), Some(shared)) if current.get() == desired.get() => {
+            Some(Arc::clone(shared))
+        }
+        _ => desired.as_deref().map(decode).transpose()?,
+    };
+    Ok((current_value, desired_value))
+}
+
+/// A CanUpdate request as it arrives, its objects (`O`, one side's) still JSON text.
+#[derive(Default, Deserialize)]
+#[serde(
+    default,
+    rename_all = "camelCase",
+    bound(deserialize = "O: Default + Deserialize<'de>")
+)]
+struct RawCanUpdateRequest<O> {
+    #[serde(deserialize_with = "null_as_default")]
+    api_version: String,
+    #[serde(deserialize_with = "null_as_default")]
+    kind: String,
+    #[serde(deserialize_with = "settings_map")]
+    settings: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    current: O,
+    #[serde(deserialize_with = "null_as_default")]
+    desired: O,
+}
+
 /// `CanUpdateMachineRequest`, sent by KubeadmControlPlane.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[serde(try_from = "RawCanUpdateRequest<RawMachineObjects>")]
 pub struct CanUpdateMachineRequest {
-    #[serde(deserialize_with = "null_as_default")]
     pub api_version: String,
-    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
-    #[serde(deserialize_with = "settings_map")]
     pub settings: BTreeMap<String, String>,
-    #[serde(deserialize_with = "null_as_default")]
     pub current: CanUpdateMachineRequestObjects,
-    #[serde(deserialize_with = "null_as_default")]
     pub desired: CanUpdateMachineRequestObjects,
 }
 request_type_meta!(CanUpdateMachineRequest, Hook::CanUpdateMachine);
 
 /// `CanUpdateMachineRequestObjects`; `None` means missing or `null`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[derive(Debug, Clone, Default)]
 pub struct CanUpdateMachineRequestObjects {
-    pub machine: Option<Value>,
-    pub infrastructure_machine: Option<Value>,
-    pub bootstrap_config: Option<Value>,
+    pub machine: Option<Object>,
+    pub infrastructure_machine: Option<Object>,
+    pub bootstrap_config: Option<Object>,
+}
+
+/// Decode errors name the upstream type, not this intermediate one.
+#[derive(Default, Deserialize)]
+#[serde(
+    default,
+    expecting = "struct CanUpdateMachineRequestObjects",
+    rename_all = "camelCase"
+)]
+struct RawMachineObjects {
+    machine: Option<Box<RawValue>>,
+    infrastructure_machine: Option<Box<RawValue>>,
+    bootstrap_config: Option<Box<RawValue>>,
+}
+
+impl TryFrom<RawCanUpdateRequest<RawMachineObjects>> for CanUpdateMachineRequest {
+    type Error = serde_json::Error;
+
+    fn try_from(raw: RawCanUpdateRequest<RawMachineObjects>) -> Result<Self, Self::Error> {
+        let (current, desired) = (raw.current, raw.desired);
+        let machine = decode_pair(current.machine, desired.machine)?;
+        let infrastructure = decode_pair(
+            current.infrastructure_machine,
+            desired.infrastructure_machine,
+        )?;
+        let bootstrap = decode_pair(current.bootstrap_config, desired.bootstrap_config)?;
+        Ok(CanUpdateMachineRequest {
+            api_version: raw.api_version,
+            kind: raw.kind,
+            settings: raw.settings,
+            current: CanUpdateMachineRequestObjects {
+                machine: machine.0,
+                infrastructure_machine: infrastructure.0,
+                bootstrap_config: bootstrap.0,
+            },
+            desired: CanUpdateMachineRequestObjects {
+                machine: machine.1,
+                infrastructure_machine: infrastructure.1,
+                bootstrap_config: bootstrap.1,
+            },
+        })
+    }
 }
 
 /// `CanUpdateMachineSetRequest`, sent by the MachineDeployment controller.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[serde(try_from = "RawCanUpdateRequest<RawMachineSetObjects>")]
 pub struct CanUpdateMachineSetRequest {
-    #[serde(deserialize_with = "null_as_default")]
     pub api_version: String,
-    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
-    #[serde(deserialize_with = "settings_map")]
     pub settings: BTreeMap<String, String>,
-    #[serde(deserialize_with = "null_as_default")]
     pub current: CanUpdateMachineSetRequestObjects,
-    #[serde(deserialize_with = "null_as_default")]
     pub desired: CanUpdateMachineSetRequestObjects,
 }
 request_type_meta!(CanUpdateMachineSetRequest, Hook::CanUpdateMachineSet);
 
 /// `CanUpdateMachineSetRequestObjects`; `None` means missing or `null`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[derive(Debug, Clone, Default)]
 pub struct CanUpdateMachineSetRequestObjects {
-    pub machine_set: Option<Value>,
-    pub infrastructure_machine_template: Option<Value>,
-    pub bootstrap_config_template: Option<Value>,
+    pub machine_set: Option<Object>,
+    pub infrastructure_machine_template: Option<Object>,
+    pub bootstrap_config_template: Option<Object>,
+}
+
+/// Decode errors name the upstream type, not this intermediate one.
+#[derive(Default, Deserialize)]
+#[serde(
+    default,
+    expecting = "struct CanUpdateMachineSetRequestObjects",
+    rename_all = "camelCase"
+)]
+struct RawMachineSetObjects {
+    machine_set: Option<Box<RawValue>>,
+    infrastructure_machine_template: Option<Box<RawValue>>,
+    bootstrap_config_template: Option<Box<RawValue>>,
+}
+
+impl TryFrom<RawCanUpdateRequest<RawMachineSetObjects>> for CanUpdateMachineSetRequest {
+    type Error = serde_json::Error;
+
+    fn try_from(raw: RawCanUpdateRequest<RawMachineSetObjects>) -> Result<Self, Self::Error> {
+        let (current, desired) = (raw.current, raw.desired);
+        let machine_set = decode_pair(current.machine_set, desired.machine_set)?;
+        let infrastructure = decode_pair(
+            current.infrastructure_machine_template,
+            desired.infrastructure_machine_template,
+        )?;
+        let bootstrap = decode_pair(
+            current.bootstrap_config_template,
+            desired.bootstrap_config_template,
+        )?;
+        Ok(CanUpdateMachineSetRequest {
+            api_version: raw.api_version,
+            kind: raw.kind,
+            settings: raw.settings,
+            current: CanUpdateMachineSetRequestObjects {
+                machine_set: machine_set.0,
+                infrastructure_machine_template: infrastructure.0,
+                bootstrap_config_template: bootstrap.0,
+            },
+            desired: CanUpdateMachineSetRequestObjects {
+                machine_set: machine_set.1,
+                infrastructure_machine_template: infrastructure.1,
+                bootstrap_config_template: bootstrap.1,
+            },
+        })
+    }
 }
 
 /// `UpdateMachineRequest`, sent (and re-sent) by the Machine controller. Only `desired` exists.
@@ -237,13 +360,14 @@ pub struct UpdateMachineRequest {
 }
 request_type_meta!(UpdateMachineRequest, Hook::UpdateMachine);
 
-/// `UpdateMachineRequestObjects`; `None` means missing or `null`.
+/// `UpdateMachineRequestObjects`; `None` means missing or `null`. CAPI also sends the
+/// `infrastructureMachine` and the `bootstrapConfig` (with its files, often most of the request);
+/// the upgrade needs neither, and CAPI repeats the call every few seconds while an upgrade runs,
+/// so they are only checked to be JSON, never decoded.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct UpdateMachineRequestObjects {
     pub machine: Option<Value>,
-    pub infrastructure_machine: Option<Value>,
-    pub bootstrap_config: Option<Value>,
 }
 
 /// `failurePolicy` of a handler.
@@ -418,6 +542,40 @@ mod test {
         let nulls: UpdateMachineRequest =
             serde_json::from_str(r#"{"apiVersion":null,"kind":null,"settings":null}"#).unwrap();
         assert!(nulls.settings.is_empty());
+    }
+
+    #[test]
+    fn identical_objects_are_decoded_once() {
+        let bootstrap = json!({"kind": "KubeadmConfig", "spec": {"files": [{"path": "/a"}]}});
+        let body = json!({
+            "current": {"machine": {"spec": {"version": "v1.33.6"}}, "bootstrapConfig": bootstrap},
+            "desired": {"machine": {"spec": {"version": "v1.34.2"}}, "bootstrapConfig": bootstrap},
+        })
+        .to_string();
+        let request: CanUpdateMachineRequest = serde_json::from_str(&body).unwrap();
+        let (current, desired) = (&request.current, &request.desired);
+        assert!(Arc::ptr_eq(
+            current.bootstrap_config.as_ref().unwrap(),
+            desired.bootstrap_config.as_ref().unwrap()
+        ));
+        assert_eq!(current.bootstrap_config.as_deref(), Some(&bootstrap));
+        assert_eq!(
+            desired.machine.as_deref(),
+            Some(&json!({"spec": {"version": "v1.34.2"}}))
+        );
+        assert_eq!(
+            current.machine.as_deref(),
+            Some(&json!({"spec": {"version": "v1.33.6"}}))
+        );
+
+        // Errors still name the upstream types.
+        let error = serde_json::from_str::<CanUpdateMachineSetRequest>(r#"{"desired": 5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("CanUpdateMachineSetRequestObjects"),
+            "{error}"
+        );
     }
 
     #[test]

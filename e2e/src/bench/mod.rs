@@ -1,9 +1,21 @@
-//! Shared pieces of the simulated-cluster benchmarks (`bench-staging`, `bench-scale`): Markdown
+//! Shared pieces of the benchmarks: the request bodies ([`requests`]), and for the
+//! simulated-cluster ones (`bench-staging`, `bench-scale`) Markdown
 //! tables, number formatting, progress on stderr, the extension's per-step log lines, its peak
 //! resident memory and CPU time, and how busy the machine's CPUs were.
 
+pub mod requests;
+
+pub use requests::can_update_machine_request;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use bollard::query_parameters::EventsOptions;
+use futures::StreamExt;
+
+use crate::sim::{self, CLUSTER_LABEL, SimCluster};
 
 /// A Markdown table.
 #[derive(Debug, Clone)]
@@ -185,6 +197,81 @@ impl CpuTicks {
     pub fn busy_percent_since(&self, earlier: &CpuTicks) -> f64 {
         let total = self.total.saturating_sub(earlier.total).max(1);
         100.0 * self.busy.saturating_sub(earlier.busy) as f64 / total as f64
+    }
+}
+
+/// Counts the execs the Docker Engine creates in a cluster's containers, by container name, from
+/// the Engine's own `exec_create` events: what ran, not what the code is thought to run.
+pub struct ExecCounter {
+    counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Marks the counter's own probe execs, which it leaves out.
+const PROBE: &str = "capd-inplace-bench-probe";
+
+impl ExecCounter {
+    /// Subscribes to the events and returns once a probe exec came through, so that no exec
+    /// started after this returns is missed.
+    pub async fn start(cluster: &SimCluster) -> sim::Result<ExecCounter> {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["exec_create".to_string()]),
+            (
+                "label".to_string(),
+                vec![format!("{CLUSTER_LABEL}={}", cluster.name())],
+            ),
+        ]);
+        let counts = Arc::new(Mutex::new(BTreeMap::new()));
+        let probes = Arc::new(Mutex::new(0u64));
+        let task = {
+            let docker = cluster.docker().clone();
+            let (counts, probes) = (counts.clone(), probes.clone());
+            tokio::spawn(async move {
+                let options = EventsOptions {
+                    filters: Some(filters),
+                    ..Default::default()
+                };
+                let mut events = docker.events(Some(options));
+                while let Some(Ok(event)) = events.next().await {
+                    if event.action.as_deref().is_some_and(|a| a.ends_with(PROBE)) {
+                        *probes.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+                        continue;
+                    }
+                    let name = event
+                        .actor
+                        .and_then(|actor| actor.attributes)
+                        .and_then(|mut attributes| attributes.remove("name"));
+                    if let Some(name) = name {
+                        *counts
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .entry(name)
+                            .or_insert(0) += 1;
+                    }
+                }
+            })
+        };
+        let node = cluster.control_plane().name.clone();
+        let start = Instant::now();
+        while *probes.lock().unwrap_or_else(PoisonError::into_inner) == 0 {
+            if start.elapsed() > Duration::from_secs(10) {
+                task.abort();
+                return Err(sim::Error::Timeout {
+                    what: "the Docker Engine's exec events".into(),
+                    after: Duration::from_secs(10),
+                });
+            }
+            cluster.exec(&node, &["true", PROBE]).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(ExecCounter { counts, task })
+    }
+
+    /// Stops counting and returns the execs per container name.
+    pub fn stop(self) -> BTreeMap<String, u64> {
+        self.task.abort();
+        std::mem::take(&mut *self.counts.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

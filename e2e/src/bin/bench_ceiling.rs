@@ -1,0 +1,61 @@
+//! The ceiling of the hook-path load test (`scripts/bench-hooks.sh`): the extension's HTTPS stack
+//! with nothing of ours on top. Same TLS library, provider, protocol versions and certificate
+//! (the extension's dev certificate), same ALPN (h2 and HTTP/1.1), same server (axum-server on a
+//! multi-threaded tokio runtime); every request's body is read whole, as the extension reads it,
+//! and answered with the same bytes, read once from a file holding one of the extension's
+//! answers. Whatever the extension serves below this server's rate is the cost of our handlers,
+//! layers and state.
+//!
+//! `bench-ceiling ADDRESS CERT_DIR RESPONSE_FILE`, e.g.
+//! `bench-ceiling 127.0.0.1:9444 certs answer.json` (`CERT_DIR` holds `tls.crt` and `tls.key`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::header::CONTENT_TYPE;
+use axum_server::tls_rustls::RustlsConfig;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+fn tls(cert_dir: &Path) -> anyhow::Result<ServerConfig> {
+    let cert = cert_dir.join("tls.crt");
+    let key = cert_dir.join("tls.key");
+    let certificates = CertificateDer::pem_file_iter(&cert)
+        .with_context(|| format!("read {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&key).with_context(|| format!("read {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certificates, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [address, cert_dir, response] = args.as_slice() else {
+        bail!("usage: bench-ceiling ADDRESS CERT_DIR RESPONSE_FILE");
+    };
+    let address: SocketAddr = address.parse().context("ADDRESS must be IP:PORT")?;
+    let answer = Bytes::from(std::fs::read(response).with_context(|| format!("read {response}"))?);
+    let app = Router::new().fallback(move |_body: Bytes| {
+        let answer = answer.clone();
+        async move { ([(CONTENT_TYPE, "application/json")], answer) }
+    });
+    let config = RustlsConfig::from_config(Arc::new(tls(Path::new(cert_dir))?));
+    eprintln!("bench-ceiling: serving a fixed answer on https://{address}");
+    axum_server::bind_rustls(address, config)
+        .serve(app.into_make_service())
+        .await
+        .context("serve")
+}
