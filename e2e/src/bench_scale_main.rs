@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capd_inplace_e2e::bench::{
-    CpuTicks, Progress, StepTiming, Table, cpu_time, peak_rss_kib, secs, step_timings,
+    CpuTicks, ExecCounter, Progress, StepTiming, Table, cpu_time, peak_rss_kib, secs, step_timings,
 };
 use capd_inplace_e2e::driver::{
     Change, Decision, Driver, ExtensionConfig, Pacing, RuntimeClient, Workload,
@@ -79,6 +79,8 @@ struct Run {
     extension_cpu: Duration,
     /// How busy the machine's CPUs were during the upgrade, in percent.
     host_busy: f64,
+    /// Execs the Engine created during the upgrade, by container name.
+    execs: BTreeMap<String, u64>,
     steps: Vec<StepTiming>,
 }
 
@@ -121,6 +123,7 @@ async fn upgrade_once(
 
     let pid = extension.pid().context("the extension is not running")?;
     progress.say(format!("W={workers}: upgrading"));
+    let counter = ExecCounter::start(&cluster).await?;
     let cpu_before = cpu_time(pid)?;
     let host_before = CpuTicks::now()?;
     let start = Instant::now();
@@ -130,6 +133,7 @@ async fn upgrade_once(
     let whole = start.elapsed();
     let extension_cpu = cpu_time(pid)? - cpu_before;
     let host_busy = CpuTicks::now()?.busy_percent_since(&host_before);
+    let execs = counter.stop();
     let in_place = cp
         .iter()
         .chain(&md)
@@ -164,6 +168,7 @@ async fn upgrade_once(
         peak_rss_kib,
         extension_cpu,
         host_busy,
+        execs,
         steps,
     })
 }
@@ -246,6 +251,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
         "peak RSS (MB)",
         "extension CPU (s)",
         "host CPU busy (%)",
+        "execs",
     ]);
     for run in runs {
         table.row([
@@ -257,6 +263,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
             mb(run.peak_rss_kib),
             secs(run.extension_cpu),
             format!("{:.0}", run.host_busy),
+            run.execs.values().sum::<u64>().to_string(),
         ]);
     }
     out.push_str(&table.render());
@@ -267,8 +274,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
     };
     let control_plane = format!("{}-cp-0", cluster_name(largest.workers));
     out.push_str(&format!(
-        "\nWhere the time goes at W = {} (`step finished` lines, milliseconds; preflight is not \
-         a logged step):\n\n",
+        "\nWhere the time goes at W = {} (`step finished` lines, milliseconds):\n\n",
         largest.workers
     ));
     let mut steps = Table::new(["step", "control plane", "workers: mean", "workers: max"]);
@@ -298,6 +304,15 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
         ]);
     }
     out.push_str(&steps.render());
+    let in_control_plane = largest.execs.get(&control_plane).copied().unwrap_or(0);
+    let in_workers: u64 = largest.execs.values().sum::<u64>() - in_control_plane;
+    out.push_str(&format!(
+        "\nExecs at W = {} (from the Docker Engine's `exec_create` events): {in_control_plane} in \
+         the control-plane container (its own upgrade, and the kubectl calls of every worker's \
+         drain, uncordon and Node checks), {:.1} per worker container.\n",
+        largest.workers,
+        in_workers as f64 / largest.workers as f64,
+    ));
     let rss = largest.peak_rss_kib as f64 / 1024.0;
     out.push_str(&format!(
         "\nVerdict: peak RSS at W = {} is {rss:.1} MB, {} the {RSS_AIM_MB:.0} MB aim.\n",

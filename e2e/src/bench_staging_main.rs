@@ -12,8 +12,8 @@
 //! written back, and ends with the three files of the right sizes in every node. Bytes read from
 //! the mirror come from the mirror's own log line per response. After (c), the staged files are
 //! also hashed in every node at once, with sha256sum and with openssl, untimed by (c), to show
-//! what the verification in the stage step costs by itself. Wrapped by `scripts/bench-staging.sh`; prints a Markdown fragment on
-//! stdout and progress on stderr.
+//! what the verification in the stage step costs by itself. Wrapped by
+//! `scripts/bench-staging.sh`; prints a Markdown fragment on stdout and progress on stderr.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -200,8 +200,8 @@ impl Bench {
         Ok(())
     }
 
-    /// How long hashing the staged files takes in every node at once: with `sha256sum` (what
-    /// the engine's stage step runs to verify them) and with `openssl dgst -sha256`.
+    /// How long hashing the staged files takes in every node at once, with `sha256sum` and with
+    /// `openssl dgst -sha256` (the stage step verifies with openssl where the node has it).
     async fn hash_costs(&self, cluster: &SimCluster) -> anyhow::Result<(Duration, Duration)> {
         let dir = self.staged_dir();
         let paths: Vec<String> = TOOLS.iter().map(|t| format!("{dir}/{t}")).collect();
@@ -483,7 +483,8 @@ fn print_report(
     out.push_str(&bytes.render());
     out.push_str(
         "\nWhat verifying the staged files costs by itself (the three files hashed in every node \
-         at once, after (c), untimed there; the stage step verifies with sha256sum):\n\n",
+         at once, after (c), untimed there; the stage step verifies with openssl where the node has \
+         it, sha256sum otherwise):\n\n",
     );
     out.push_str(&hashing.render());
     out.push_str(&format!(
