@@ -12,7 +12,8 @@
 # Each load is DURATION per concurrency (1, 16, 64), HTTPS with keep-alive, HTTP/1.1, loopback
 # only. Prints a Markdown fragment on stdout (tables and a verdict against the aims: at
 # concurrency 16, at least 70% of the ceiling's rps and a p99 under 10 ms); progress on stderr.
-# Installs oha into .cache/tools on first use (a few minutes of compiling, once).
+# Installs oha into .cache/tools on first use (minutes of compiling, once); needs curl, jq and a
+# Docker Engine with the simulated node image (scripts/build-simnode-image.sh).
 set -euo pipefail
 
 DURATION="${DURATION:-5s}"
@@ -44,7 +45,11 @@ if [ ! -x "$oha" ]; then
 fi
 
 log "building release binaries"
+build_start=$SECONDS
 cargo build -q --release -p capd-inplace -p capd-inplace-e2e -p capd-inplace-simnode >&2
+build_seconds=$((SECONDS - build_start))
+# Other work on the machine shows in every figure; the fragment says how busy it was.
+load="$(cut -d' ' -f1 /proc/loadavg)"
 bin="$root/target/release"
 export CAPD_SIMNODE_BIN="$bin/simnode"
 
@@ -84,16 +89,6 @@ free_port() {
   done
 }
 
-wait_https() { # url
-  local i
-  for i in $(seq 100); do
-    curl -sk -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  log "nothing answers on $1"
-  return 1
-}
-
 ext_port="$(free_port)"
 health_port="$(free_port)"
 metrics_port="$(free_port)"
@@ -123,7 +118,12 @@ start_ceiling() { # answer file
   stop_ceiling
   "$bin/bench-ceiling" "127.0.0.1:$ceiling_port" "$certs" "$1" 2>>"$work/ceiling.log" &
   ceiling_pid=$!
-  wait_https "$ceiling/"
+  for _ in $(seq 100); do
+    curl -fs --cacert "$certs/ca.crt" -o /dev/null "$ceiling/" && return
+    sleep 0.1
+  done
+  log "the ceiling server does not answer on $ceiling"
+  exit 1
 }
 stop_ceiling() {
   if [ -n "$ceiling_pid" ]; then
@@ -142,8 +142,16 @@ metric() { # exact series, e.g. capd_inplace_upgrades_in_flight
     awk -v series="$1" '$1 == series {value = $2} END {print value + 0}'
 }
 
+cpu_ticks() { # pid -> user + system clock ticks so far
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
 rss() { # pid -> "VmRSS VmHWM" in MiB
   awk '/^VmRSS:/ {r = $2} /^VmHWM:/ {h = $2} END {printf "%.0f %.0f", r / 1024, h / 1024}' "/proc/$1/status"
+}
+
+per_request() { # ticks clock-ticks-per-second requests -> microseconds per request
+  awk -v t="$1" -v hz="$2" -v n="$3" 'BEGIN {printf "%.0f", t / hz * 1e6 / n}'
 }
 
 # oha against a URL with a body; prints "rps p50_ms p99_ms requests" and fails unless every
@@ -164,8 +172,12 @@ load() { # url body-file concurrency duration
 # the machine's background load hits both), after a one-second warm-up of each.
 # check_before/check_after name functions run around each extension load, with the oha request
 # count as argument to check_after.
+# Also prints each server's CPU time per request (from /proc/<pid>/stat): less sensitive to other
+# work on the machine than rps, which depends on how much CPU the run happened to get.
 table() { # ext-url ceiling-url body-file check_before check_after
-  local c line e ce mem r r16="" p16=""
+  local c line e ce mem r r16="" p16="" ticks cpu_ext="" cpu_ceiling=""
+  local hz
+  hz="$(getconf CLK_TCK)"
   "$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$3" -c 16 -z 1s -w "$1" >/dev/null
   "$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$3" -c 16 -z 1s -w "$2" >/dev/null
   echo "| concurrency | ext rps | ceiling rps | ratio | ext p50 (ms) | ext p99 (ms) | ceiling p99 (ms) | ext RSS / peak (MiB) |"
@@ -173,19 +185,29 @@ table() { # ext-url ceiling-url body-file check_before check_after
   for c in "${CONCURRENCY[@]}"; do
     "$4"
     log "  concurrency $c: extension"
+    ticks="$(cpu_ticks "$ext_pid")"
     line="$(load "$1" "$3" "$c" "$DURATION")"
     read -r -a e <<<"$line"
+    ticks=$(($(cpu_ticks "$ext_pid") - ticks))
+    cpu_ext+="$(per_request "$ticks" "$hz" "${e[3]}") "
     "$5" "${e[3]}"
     line="$(rss "$ext_pid")"
     read -r -a mem <<<"$line"
     log "  concurrency $c: ceiling"
+    ticks="$(cpu_ticks "$ceiling_pid")"
     line="$(load "$2" "$3" "$c" "$DURATION")"
     read -r -a ce <<<"$line"
+    ticks=$(($(cpu_ticks "$ceiling_pid") - ticks))
+    cpu_ceiling+="$(per_request "$ticks" "$hz" "${ce[3]}") "
     r="$(awk -v a="${e[0]}" -v b="${ce[0]}" 'BEGIN {printf "%.2f", a / b}')"
     printf '| %s | %.0f | %.0f | %s | %.2f | %.2f | %.2f | %s / %s |\n' \
       "$c" "${e[0]}" "${ce[0]}" "$r" "${e[1]}" "${e[2]}" "${ce[2]}" "${mem[0]}" "${mem[1]}"
     if [ "$c" = 16 ]; then r16="$r" p16="${e[2]}"; fi
   done
+  echo
+  cpu_ext="${cpu_ext% }" cpu_ceiling="${cpu_ceiling% }"
+  echo "Server CPU time per request (user + system, µs) at concurrency $(IFS=/; echo "${CONCURRENCY[*]}"):" \
+    "extension ${cpu_ext// //}, ceiling ${cpu_ceiling// //}."
   echo
   awk -v r="$r16" -v p="$p16" 'BEGIN {
     ok_r = r >= 0.70; ok_p = p < 10
@@ -194,8 +216,6 @@ table() { # ext-url ceiling-url body-file check_before check_after
       r * 100, p
   }'
 }
-
-nothing() { :; }
 
 # ---- 1. CanUpdateMachine ------------------------------------------------------------------------
 "$bin/bench-setup" can-update-request "$work/can-update.json"
@@ -216,7 +236,7 @@ start_ceiling "$work/can-update.answer.json"
 log "CanUpdateMachine: $(wc -c <"$work/can-update.json") byte request, $(wc -c <"$work/can-update.answer.json") byte answer"
 echo "### CanUpdateMachine under load"
 echo
-echo "Command: \`$command\` ($(nproc) cores; oha, HTTP/1.1 over TLS with keep-alive, $DURATION per row;"
+echo "Command: \`$command\` ($(nproc) cores, load average $load at the start; oha, HTTP/1.1 over TLS with keep-alive, $DURATION per row;"
 echo "a $(wc -c <"$work/can-update.json") byte request, the criterion bench's; every answer checked in place on /metrics)."
 echo
 table "$can_update_url" "${can_update_url/#$ext/$ceiling}" "$work/can-update.json" count_decisions check_decisions
@@ -269,4 +289,4 @@ echo "request; every poll checked in-progress on /metrics, with $WORKERS upgrade
 echo
 table "$poll_url" "${poll_url/#$ext/$ceiling}" "$work/poll.json" count_polls check_polls
 echo
-log "done in $((SECONDS - script_start)) s (cleanup follows)"
+log "done in $((SECONDS - script_start)) s, $build_seconds s of it building (cleanup follows)"

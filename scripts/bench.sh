@@ -12,6 +12,8 @@ out=target/bench
 mkdir -p "$out"
 
 bash scripts/ensure-docker.sh >/dev/null
+# The hook load test reads oha's JSON and the hooks' answers with jq.
+command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq >/dev/null; }
 bash scripts/build-simnode-image.sh >/dev/null
 cargo build -q --release --workspace --bins
 

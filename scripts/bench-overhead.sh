@@ -69,7 +69,7 @@ plain_upgrade() { # node
 
 # The binaries, fetched once from a simulated mirror and laid out as a file:// mirror, so both
 # contenders start from local files (capd-inplace still verifies them into its cache).
-echo "bench-node-overhead: preparing binaries" >&2
+echo "bench-overhead: preparing binaries" >&2
 mirror="$(up bench-src)"
 local_mirror="$work/mirror"
 mkdir -p "$work/bin" "$local_mirror/$TO/bin/linux/amd64"
@@ -86,7 +86,7 @@ rows=()
 ratios=()
 # Run 0 warms caches and is not reported.
 for i in $(seq 0 "$RUNS"); do
-  echo "bench-node-overhead: run $i of $RUNS" >&2
+  echo "bench-overhead: run $i of $RUNS" >&2
   up "bench-a$i" >/dev/null
   count_execs "bench-a$i-cp-0" execs-ours
   start="$(now)"
@@ -112,7 +112,7 @@ median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[
 
 echo "### One node upgrade: capd-inplace against a plain script"
 echo
-echo "\`RUNS=$RUNS scripts/bench-node-overhead.sh\`: a fresh simulated one-node cluster per run and"
+echo "\`RUNS=$RUNS scripts/bench-overhead.sh\`: a fresh simulated one-node cluster per run and"
 echo "contender, $FROM to $TO, binaries already local (a \`file://\` mirror that capd-inplace still"
 echo "verifies into its cache; \`docker cp\` for the script). Run 0 warms caches and is not reported."
 echo
