@@ -578,7 +578,18 @@ async fn extension_killed_mid_cluster_and_restarted() {
                         .any(|s| s == "kubeadm-upgrade")
                     {
                         extension.kill();
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        // Down until the driver's next poll has failed: a fixed pause could fall
+                        // between two polls, and the rest of the upgrade takes only seconds.
+                        let down = Instant::now();
+                        while !driver.events().iter().any(|e| {
+                            matches!(e, Event::TransportError { machine, .. } if *machine == second)
+                        }) {
+                            assert!(
+                                down.elapsed() < Duration::from_secs(60),
+                                "no poll reached the killed extension"
+                            );
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         extension.restart().await.unwrap();
                         return out.stdout;
                     }
