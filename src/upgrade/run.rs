@@ -215,11 +215,7 @@ impl Engine {
                 container: target.container.clone(),
                 source,
             };
-            let node = self
-                .docker
-                .locate(&target.cluster, &target.container)
-                .await
-                .map_err(|e| step_error(e.into()))?;
+            let node = self.locate(target, Step::Stage).await?;
             let lease = Lease::acquire(&node, &self.owner, self.timeouts.lease)
                 .await
                 .map_err(step_error)?;
@@ -257,6 +253,25 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The target's container, after the label check and before any exec; a failure is
+    /// reported as a failure of `step`.
+    async fn locate(
+        &self,
+        target: &NodeTarget,
+        step: Step,
+    ) -> std::result::Result<DockerNode, StepError> {
+        self.docker
+            .locate(&target.cluster, &target.container)
+            .await
+            .map_err(|e| StepError {
+                step,
+                container: target.container.clone(),
+                source: e.into(),
+            })
+    }
+}
+
 /// What an upgrade of one node would do, from a read-only preflight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preview {
@@ -279,11 +294,7 @@ impl Engine {
             container: target.container.clone(),
             source,
         };
-        let node = self
-            .docker
-            .locate(&target.cluster, &target.container)
-            .await
-            .map_err(|e| step_error(e.into()))?;
+        let node = self.locate(target, Step::Preflight).await?;
         let session = Session::open(self, node, target, options)
             .await
             .map_err(step_error)?;
