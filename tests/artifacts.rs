@@ -280,6 +280,7 @@ async fn cold_fetch_then_warm_fetch_without_network() {
             hits: 0,
             misses: 1,
             bytes_downloaded: ARTIFACT_SIZE as u64 + 64,
+            blobs_rehashed: 0,
         }
     );
     assert!(files_under(&dir.path().join("tmp")).is_empty());
@@ -297,7 +298,8 @@ async fn cold_fetch_then_warm_fetch_without_network() {
     );
     assert_eq!(cache.stats().hits, 1);
 
-    // A new process (a new cache on the same directory) is warm too, and still offline.
+    // A new process (a new cache on the same directory) is warm too, and still offline; the
+    // verification record written with the download vouches for the blob, so it is not hashed.
     drop(cache);
     let reopened = open(dir.path(), mirror.source(), fast_config()).await;
     let again = reopened
@@ -316,6 +318,7 @@ async fn cold_fetch_then_warm_fetch_without_network() {
             hits: 1,
             misses: 0,
             bytes_downloaded: 0,
+            blobs_rehashed: 0,
         }
     );
 }
@@ -834,7 +837,8 @@ async fn damaged_cache_entries_are_detected_and_fetched_again() {
         .unwrap();
     drop(cache);
 
-    // Same size, different content: only re-hashing notices.
+    // Same size, different content, written in place: the file's status no longer matches its
+    // verification record, so the blob is hashed again, which notices.
     overwrite(&kubeadm.path, &vec![0u8; ARTIFACT_SIZE]);
     // Cut short: the size check notices.
     overwrite(&kubelet.path, b"short");
@@ -850,6 +854,67 @@ async fn damaged_cache_entries_are_detected_and_fetched_again() {
         assert_eq!(mirror.hits(&release_path(VERSION, binary)), 2);
     }
     assert_eq!(cache.stats().misses, 2);
+    assert_eq!(cache.stats().blobs_rehashed, 1);
+}
+
+#[tokio::test]
+async fn verification_records_spare_the_hash_until_the_blob_changes_or_is_distrusted() {
+    let mirror = Mirror::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), mirror.source(), fast_config()).await;
+    let kubeadm = cache
+        .fetch(VERSION, Arch::Amd64, Binary::Kubeadm)
+        .await
+        .unwrap();
+    let kubectl = cache
+        .fetch(VERSION, Arch::Amd64, Binary::Kubectl)
+        .await
+        .unwrap();
+    drop(cache);
+
+    // Replaced by a file of the same size and mode under another inode: hashed again, found
+    // damaged, fetched again.
+    let swap = dir.path().join("swap");
+    std::fs::write(&swap, vec![1u8; ARTIFACT_SIZE]).unwrap();
+    std::fs::set_permissions(&swap, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::rename(&swap, &kubeadm.path).unwrap();
+    let cache = open(dir.path(), mirror.source(), fast_config()).await;
+    let again = cache
+        .fetch(VERSION, Arch::Amd64, Binary::Kubeadm)
+        .await
+        .unwrap();
+    assert_eq!(again, kubeadm);
+    assert_eq!(
+        std::fs::read(&again.path).unwrap(),
+        artifact_bytes(VERSION, Binary::Kubeadm)
+    );
+    assert_eq!(mirror.hits(&release_path(VERSION, Binary::Kubeadm)), 2);
+    assert_eq!(cache.stats().blobs_rehashed, 1);
+
+    // Untouched: the record vouches for it, in this process and the next.
+    cache
+        .fetch(VERSION, Arch::Amd64, Binary::Kubectl)
+        .await
+        .unwrap();
+    assert_eq!(cache.stats().blobs_rehashed, 1);
+
+    // Distrusted (a node found an upload of it wrong): the next use hashes it, here in the same
+    // process and without a download, because the blob itself is intact.
+    cache.distrust(&kubectl.sha256).await.unwrap();
+    let checked = cache
+        .fetch(VERSION, Arch::Amd64, Binary::Kubectl)
+        .await
+        .unwrap();
+    assert_eq!(checked, kubectl);
+    assert_eq!(cache.stats().blobs_rehashed, 2);
+    assert_eq!(mirror.hits(&release_path(VERSION, Binary::Kubectl)), 1);
+    drop(cache);
+    let reopened = open(dir.path(), mirror.source(), fast_config()).await;
+    reopened
+        .fetch(VERSION, Arch::Amd64, Binary::Kubectl)
+        .await
+        .unwrap();
+    assert_eq!(reopened.stats().blobs_rehashed, 0);
 }
 
 fn overwrite(path: &Path, bytes: &[u8]) {

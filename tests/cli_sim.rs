@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Output;
 
 use capd_inplace_e2e::sim::SimCluster;
@@ -170,6 +171,68 @@ async fn upgrade_a_cluster_from_the_command_line() {
             "{binary}: {staged_before}"
         );
     }
+
+    // Damage a cached blob's file status cannot show (bit rot), simulated: the blob rewritten
+    // with the same size and its verification record forged to match. The node's hash of the
+    // upload catches it; the next run hashes the blobs again and fetches the damaged one anew.
+    let kubelet_digest = cluster
+        .exec_ok(
+            "cli-md-0-1",
+            &[
+                "curl",
+                "-fsS",
+                &format!("{network_mirror}/v1.32.3/bin/linux/amd64/kubelet.sha256"),
+            ],
+        )
+        .await
+        .unwrap()
+        .stdout
+        .trim()
+        .to_string();
+    // One cache directory per artifact source; this run used one source.
+    let source_cache = std::fs::read_dir(cache_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|dir| dir.join("sha256").join(&kubelet_digest).exists())
+        .unwrap();
+    let blob = source_cache.join("sha256").join(&kubelet_digest);
+    let size = std::fs::metadata(&blob).unwrap().len() as usize;
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&blob, vec![0u8; size]).unwrap();
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let forged = std::fs::metadata(&blob).unwrap();
+    std::fs::write(
+        source_cache.join("verified").join(&kubelet_digest),
+        format!(
+            "{} {} {} {} {}\n",
+            forged.size(),
+            forged.ino(),
+            forged.mode(),
+            i128::from(forged.ctime()) * 1_000_000_000 + i128::from(forged.ctime_nsec()),
+            i128::from(forged.mtime()) * 1_000_000_000 + i128::from(forged.mtime_nsec()),
+        ),
+    )
+    .unwrap();
+    cluster
+        .exec_ok(
+            "cli-md-0-0",
+            &["rm", "-rf", "/var/lib/capd-inplace/v1.32.3"],
+        )
+        .await
+        .unwrap();
+    let damaged = stage("v1.32.3");
+    assert!(!damaged.status.success());
+    let damaged = text(&damaged.stdout);
+    assert_eq!(damaged.matches("FAILED").count(), 1, "{damaged}");
+    assert!(damaged.contains("cli-md-0-0"), "{damaged}");
+    let healed = stage("v1.32.3");
+    assert!(healed.status.success(), "{}", text(&healed.stderr));
+    assert_eq!(
+        std::fs::read(&blob).unwrap().len(),
+        size,
+        "the damaged blob was fetched again"
+    );
+    assert_ne!(std::fs::read(&blob).unwrap(), vec![0u8; size]);
 
     let run = capd_inplace(&[
         "upgrade",

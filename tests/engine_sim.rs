@@ -158,6 +158,35 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
         .name
         .clone();
     let ids_before: Vec<String> = f.cluster.nodes().iter().map(|n| n.id.clone()).collect();
+    // A kubelet drop-in changed on the worker and never reloaded: the restart step must re-read
+    // the units there (systemd says one changed), though it skips the reload where none did.
+    f.cluster
+        .exec_ok(
+            &worker,
+            &[
+                "sh",
+                "-c",
+                "printf '[Service]\\nEnvironment=CAPD_INPLACE_TEST=reloaded\\n' \
+                 > /etc/systemd/system/kubelet.service.d/99-test.conf",
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stdout(
+            &f,
+            &worker,
+            &[
+                "systemctl",
+                "show",
+                "--property=NeedDaemonReload",
+                "--value",
+                "kubelet"
+            ]
+        )
+        .await,
+        "yes"
+    );
 
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = {
@@ -184,6 +213,33 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
     }
     assert_upgraded(&f, &cp, "v1.32.3", true).await;
     assert_upgraded(&f, &worker, "v1.32.3", false).await;
+    let environment = stdout(
+        &f,
+        &worker,
+        &["systemctl", "show", "--property=Environment", "kubelet"],
+    )
+    .await;
+    assert!(
+        environment.contains("CAPD_INPLACE_TEST=reloaded"),
+        "{environment}"
+    );
+    for node in [&cp, &worker] {
+        assert_eq!(
+            stdout(
+                &f,
+                node,
+                &[
+                    "systemctl",
+                    "show",
+                    "--property=NeedDaemonReload",
+                    "--value",
+                    "kubelet"
+                ]
+            )
+            .await,
+            "no"
+        );
+    }
     assert_eq!(
         f.cluster.cluster_version().await.unwrap().to_string(),
         "v1.32.3"

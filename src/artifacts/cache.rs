@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +21,7 @@ const LOCK_FILE: &str = ".lock";
 const TMP_DIR: &str = "tmp";
 const BLOB_DIR: &str = "sha256";
 const INDEX_DIR: &str = "index";
+const VERIFIED_DIR: &str = "verified";
 /// Cached binaries are immutable: readable and executable, never writable in place.
 const BLOB_MODE: u32 = 0o555;
 const HASH_BUFFER: usize = 256 * 1024;
@@ -63,6 +64,9 @@ pub struct CacheStats {
     pub misses: u64,
     /// Bytes read from the source (checksum files, failed attempts and `file://` copies included).
     pub bytes_downloaded: u64,
+    /// Cached blobs whose content was hashed again because no valid verification record vouched
+    /// for them.
+    pub blobs_rehashed: u64,
 }
 
 /// Verified Kubernetes binaries on disk. Cheap to clone; clones share the cache, its in-flight
@@ -85,6 +89,7 @@ struct Inner {
     verified: Mutex<HashSet<String>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    rehashed: AtomicU64,
     temp_seq: AtomicU64,
     /// Held (flock) for the cache's lifetime, so leftovers in `tmp/` can only be another run's.
     _lock: File,
@@ -125,6 +130,7 @@ impl ArtifactCache {
                 verified: Mutex::new(HashSet::new()),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
+                rehashed: AtomicU64::new(0),
                 temp_seq: AtomicU64::new(0),
                 _lock: lock,
             }),
@@ -144,7 +150,20 @@ impl ArtifactCache {
             hits: self.inner.hits.load(Ordering::Relaxed),
             misses: self.inner.misses.load(Ordering::Relaxed),
             bytes_downloaded: self.inner.transport.bytes_read(),
+            blobs_rehashed: self.inner.rehashed.load(Ordering::Relaxed),
         }
+    }
+
+    /// Forgets that the blob with this digest was verified: its next use hashes it again (and
+    /// fetches it again if it is damaged). For a caller that found the blob's bytes wrong
+    /// downstream, such as a node that hashed an upload of it.
+    pub async fn distrust(&self, sha256: &str) -> Result<()> {
+        self.inner
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sha256);
+        remove_if_present(&self.inner.stamp_path(sha256)).await
     }
 
     /// A verified binary for `version` (strict `vMAJOR.MINOR.PATCH`). Concurrent calls for the
@@ -311,12 +330,22 @@ impl Inner {
             return Ok(None);
         }
         if !self.is_verified(sha256) {
-            let hashed = path.clone();
-            let actual = blocking(&path, move || hash_file(&hashed)).await?;
-            if actual != sha256 {
-                warn!(path = %path.display(), %actual, "discarding a damaged cached blob");
-                remove_if_present(&path).await?;
-                return Ok(None);
+            let stamp_path = self.stamp_path(sha256);
+            let recorded = match tokio::fs::read_to_string(&stamp_path).await {
+                Ok(text) => Stamp::parse(&text),
+                Err(_) => None,
+            };
+            if recorded != Some(Stamp::of(&metadata)) {
+                self.rehashed.fetch_add(1, Ordering::Relaxed);
+                let hashed = path.clone();
+                let actual = blocking(&path, move || hash_file(&hashed)).await?;
+                if actual != sha256 {
+                    warn!(path = %path.display(), %actual, "discarding a damaged cached blob");
+                    remove_if_present(&stamp_path).await?;
+                    remove_if_present(&path).await?;
+                    return Ok(None);
+                }
+                self.write_stamp(sha256, &metadata).await?;
             }
             self.mark_verified(sha256);
         }
@@ -337,13 +366,15 @@ impl Inner {
         let target = self.blob_path(sha256);
         let from = partial.path.clone();
         let to = target.clone();
-        blocking(&target, move || {
+        let metadata = blocking(&target, move || {
             std::fs::set_permissions(&from, std::fs::Permissions::from_mode(BLOB_MODE))?;
             std::fs::rename(&from, &to)?;
-            sync_parent(&to)
+            sync_parent(&to)?;
+            std::fs::metadata(&to)
         })
         .await?;
         partial.disarm();
+        self.write_stamp(sha256, &metadata).await?;
         self.mark_verified(sha256);
         Ok(CachedArtifact {
             path: target,
@@ -378,6 +409,29 @@ impl Inner {
         Ok(())
     }
 
+    fn stamp_path(&self, sha256: &str) -> PathBuf {
+        self.root.join(VERIFIED_DIR).join(sha256)
+    }
+
+    /// Records the status of a blob whose content just hashed right. Not synced: a record lost
+    /// in a crash only costs one more hash.
+    async fn write_stamp(&self, sha256: &str, metadata: &std::fs::Metadata) -> Result<()> {
+        let path = self.stamp_path(sha256);
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let partial =
+            PartialFile::new(self.root.join(TMP_DIR).join(format!("stamp.{seq}.partial")));
+        let contents = Stamp::of(metadata).render();
+        let from = partial.path.clone();
+        let to = path.clone();
+        blocking(&path, move || {
+            std::fs::write(&from, contents)?;
+            std::fs::rename(&from, &to)
+        })
+        .await?;
+        partial.disarm();
+        Ok(())
+    }
+
     fn is_verified(&self, sha256: &str) -> bool {
         self.verified
             .lock()
@@ -390,6 +444,50 @@ impl Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(sha256.to_owned());
+    }
+}
+
+/// The status of a blob file when its content last hashed right: any write, chmod, replacement
+/// or copy changes at least one field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    inode: u64,
+    mode: u32,
+    changed_ns: i128,
+    modified_ns: i128,
+}
+
+impl Stamp {
+    fn of(metadata: &std::fs::Metadata) -> Stamp {
+        let nanos =
+            |seconds: i64, nanos: i64| i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+        Stamp {
+            size: metadata.size(),
+            inode: metadata.ino(),
+            mode: metadata.mode(),
+            changed_ns: nanos(metadata.ctime(), metadata.ctime_nsec()),
+            modified_ns: nanos(metadata.mtime(), metadata.mtime_nsec()),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Stamp> {
+        let mut fields = text.split_whitespace();
+        let stamp = Stamp {
+            size: fields.next()?.parse().ok()?,
+            inode: fields.next()?.parse().ok()?,
+            mode: fields.next()?.parse().ok()?,
+            changed_ns: fields.next()?.parse().ok()?,
+            modified_ns: fields.next()?.parse().ok()?,
+        };
+        fields.next().is_none().then_some(stamp)
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "{} {} {} {} {}\n",
+            self.size, self.inode, self.mode, self.changed_ns, self.modified_ns
+        )
     }
 }
 
@@ -449,7 +547,7 @@ impl Drop for PartialFile {
 }
 
 fn prepare_dir(root: &Path) -> std::io::Result<Result<(File, usize)>> {
-    for dir in [TMP_DIR, BLOB_DIR, INDEX_DIR] {
+    for dir in [TMP_DIR, BLOB_DIR, INDEX_DIR, VERIFIED_DIR] {
         std::fs::create_dir_all(root.join(dir))?;
     }
     let lock = OpenOptions::new()

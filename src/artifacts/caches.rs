@@ -73,6 +73,7 @@ impl ArtifactCaches {
                 hits: sum.hits + s.hits,
                 misses: sum.misses + s.misses,
                 bytes_downloaded: sum.bytes_downloaded + s.bytes_downloaded,
+                blobs_rehashed: sum.blobs_rehashed + s.blobs_rehashed,
             })
     }
 }

@@ -13,14 +13,23 @@
 //! .lock                                           held by the one process using the cache
 //! tmp/                                            downloads in progress; emptied at open
 //! sha256/<hex>                                    verified binaries, named by digest, mode 0555
+//! verified/<hex>                                  the blob's file status when its content last hashed right
 //! index/<source-id>/<version>/linux/<arch>/<bin>  "<hex> <size>": what that source published
 //! ```
 //!
 //! `<source-id>` is a short hash of the normalised source URL, so switching mirrors never reuses
 //! another mirror's answer for a version without asking it. A warm fetch (index entry present, blob
-//! present with the recorded size) touches no network. Each blob's content is re-hashed once per
-//! process on first use, which costs about a second for a full set of binaries at most and catches
-//! a cache damaged or altered since it was written; later uses trust the size and the address.
+//! present with the recorded size) touches no network.
+//!
+//! A blob's content is hashed when it is downloaded, and hashed again on first use in a process
+//! unless its file status (size, inode, mode, change and modification times) is still the one
+//! recorded in `verified/` when it last hashed right: re-hashing a full set of binaries costs a
+//! few tenths of a second in every CLI run, and any write, chmod, replacement or copy of the file
+//! changes that status. What the status cannot show is damage below the file system (bit rot),
+//! or a write in the same clock tick as the record; the node catches both, because every upload
+//! is hashed again in the node against the published digest, and a mismatch there makes the
+//! cache forget the record ([`ArtifactCache::distrust`]), so the next use re-hashes the blob and
+//! downloads it again if it is damaged.
 
 mod cache;
 mod caches;

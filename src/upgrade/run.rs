@@ -161,25 +161,15 @@ impl Engine {
                 .locate(&target.cluster, &target.container)
                 .await
                 .map_err(|e| step_error(Step::Preflight, e.into()))?;
-            let lease = Lease::acquire(&node, &self.owner, self.timeouts.lease)
-                .await
-                .map_err(|e| step_error(Step::Preflight, e))?;
-            let opened = Session::open(self, node, target, options).await;
+            let opened = Session::open(self, node, target, options, Some(self.lease_claim())).await;
             info!(
                 step = Step::Preflight.id(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 ok = opened.is_ok(),
                 "step finished"
             );
-            let mut session = match opened {
-                Ok(session) => session,
-                Err(e) => {
-                    // A refusal must not hold the node: the next caller may be right.
-                    lease.release().await;
-                    return Err(step_error(Step::Preflight, e));
-                }
-            };
-            let outcome = session.run(progress, &lease).await;
+            let mut session = opened.map_err(|e| step_error(Step::Preflight, e))?;
+            let outcome = session.run(progress).await;
             if let Err(error) = &outcome {
                 session.journal.last_error = Some(RecordedError {
                     step: error.step,
@@ -189,7 +179,7 @@ impl Engine {
                     warn!(error = %e, "could not record the failure in the journal");
                 }
             }
-            lease.release().await;
+            session.release_lease().await;
             outcome
         }
         .instrument(span)
@@ -216,16 +206,25 @@ impl Engine {
                 source,
             };
             let node = self.locate(target, Step::Stage).await?;
-            let lease = Lease::acquire(&node, &self.owner, self.timeouts.lease)
-                .await
-                .map_err(step_error)?;
             let started = std::time::Instant::now();
+            // One exec takes the lease, reads the architecture and hashes what is staged already.
+            let claim = self.lease_claim();
+            let mut batch = Batch::new(self.timeouts.command);
+            batch.push(&claim.command());
+            batch.push(&Command::new(["uname", "-m"]));
+            batch.push(&Staging::hash_command(&Paths::new(&target.version)));
+            let mut answers = batch
+                .run(&node)
+                .await
+                .map_err(|e| step_error(e.into()))?
+                .into_iter();
+            let lease = claim
+                .take(&node, next_answer(&mut answers))
+                .map_err(step_error)?;
             let outcome = async {
-                let arch: Arch =
-                    exec_ok(&node, Command::new(["uname", "-m"]), self.timeouts.command)
-                        .await?
-                        .trim()
-                        .parse()?;
+                let arch: Arch = stdout_of(next_answer(&mut answers), node.name())?
+                    .trim()
+                    .parse()?;
                 let mut staging = Staging::new(
                     node.clone(),
                     target.version,
@@ -233,7 +232,8 @@ impl Engine {
                     arch,
                     &self.timeouts,
                 );
-                if !staging.is_done().await? {
+                staging.expected_digests().await?;
+                if !staging.digests_match(&next_answer(&mut answers)) {
                     staging.stage().await?;
                     staging.verify().await?;
                 }
@@ -295,7 +295,7 @@ impl Engine {
             source,
         };
         let node = self.locate(target, Step::Preflight).await?;
-        let session = Session::open(self, node, target, options)
+        let session = Session::open(self, node, target, options, None)
             .await
             .map_err(step_error)?;
         Ok(Preview {
@@ -352,9 +352,38 @@ struct Lease {
     renewer: tokio::task::JoinHandle<()>,
 }
 
+impl Engine {
+    fn lease_claim(&self) -> LeaseClaim {
+        LeaseClaim {
+            owner: self.owner.clone(),
+            ttl: self.timeouts.lease,
+        }
+    }
+}
+
+/// This process's request for a node's lease, sent as the first command of the batch that
+/// starts the work on the node: the lease costs no exec of its own, and the batch's other
+/// commands (read-only questions) run after it is taken.
+struct LeaseClaim {
+    owner: Arc<str>,
+    ttl: Duration,
+}
+
+impl LeaseClaim {
+    fn command(&self) -> Command {
+        acquire_command(&self.owner, self.ttl)
+    }
+
+    /// The lease, from the answer to [`LeaseClaim::command`].
+    fn take(self, node: &DockerNode, answer: ExecOutput) -> Result<Lease> {
+        lease_answer(node, answer)?;
+        Ok(Lease::held(node, self.owner, self.ttl))
+    }
+}
+
 impl Lease {
-    async fn acquire(node: &DockerNode, owner: &Arc<str>, ttl: Duration) -> Result<Lease> {
-        try_take(node, owner, ttl).await?;
+    /// A lease just taken, renewed from now on.
+    fn held(node: &DockerNode, owner: Arc<str>, ttl: Duration) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let renewer = {
             let (node, owner, lost) = (node.clone(), owner.clone(), lost.clone());
@@ -374,12 +403,12 @@ impl Lease {
                 .in_current_span(),
             )
         };
-        Ok(Lease {
+        Lease {
             node: node.clone(),
-            owner: owner.clone(),
+            owner,
             lost,
             renewer,
-        })
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -399,11 +428,20 @@ impl Lease {
     }
 }
 
+/// Takes or renews the lease in an exec of its own.
 async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
-    let acquire = under_lease_lock(journal::LEASE_ACQUIRE)
+    let acquire = acquire_command(owner, ttl).timeout(Duration::from_secs(30));
+    lease_answer(node, node.exec(acquire).await?)
+}
+
+fn acquire_command(owner: &str, ttl: Duration) -> Command {
+    under_lease_lock(journal::LEASE_ACQUIRE)
         .arg(owner)
-        .arg(ttl.as_secs().to_string());
-    let output = node.exec(acquire.timeout(Duration::from_secs(30))).await?;
+        .arg(ttl.as_secs().to_string())
+}
+
+/// Whether the lease was taken, from the answer to [`acquire_command`].
+fn lease_answer(node: &DockerNode, output: ExecOutput) -> Result<()> {
     match output.exit_code {
         0 => Ok(()),
         journal::LEASE_HELD => Err(Error::Busy {
@@ -468,6 +506,8 @@ struct Session<'a> {
     /// The Node as read in the same exec as the last drain or uncordon, for its verification.
     node_after_action: Option<NodeStatus>,
     already_at_target: bool,
+    /// Held from the preflight batch on; `None` for a read-only preview.
+    lease: Option<Lease>,
 }
 
 /// What this attempt knows the node shows: read by preflight, then updated by the attempt's own
@@ -485,6 +525,9 @@ struct Known {
     apiserver: Option<KubeVersion>,
     /// This attempt swapped the kubelet binary, so the running kubelet is the old one.
     kubelet_replaced: bool,
+    /// The kubelet unit was active right after this attempt restarted it (the restart's exec
+    /// asks); `false` until then.
+    kubelet_active_after_restart: bool,
 }
 
 /// What preflight asks every control-plane node, in the batch it sends that node.
@@ -571,12 +614,15 @@ impl<'a> Session<'a> {
     /// changes if the skew rules forbid the upgrade.
     ///
     /// Every question goes out at once: one batch to the node, and one to each other
-    /// control-plane node of the cluster, concurrently.
+    /// control-plane node of the cluster, concurrently. With a `claim`, the node's batch takes
+    /// the node's lease before it asks anything; a refusal releases it again, because the next
+    /// caller may be right.
     async fn open(
         engine: &'a Engine,
         node: DockerNode,
         target: &'a NodeTarget,
         options: &'a Options,
+        claim: Option<LeaseClaim>,
     ) -> Result<Session<'a>> {
         let quick = engine.timeouts.command;
         let version = target.version;
@@ -596,6 +642,9 @@ impl<'a> Session<'a> {
             .collect();
 
         let mut own_questions = Batch::new(quick);
+        if let Some(claim) = &claim {
+            own_questions.push(&claim.command());
+        }
         own_questions.push(&Command::new(["test", "-f", APISERVER_MANIFEST]));
         own_questions.push(&Command::new(["uname", "-m"]));
         for binary in Binary::ALL {
@@ -619,6 +668,11 @@ impl<'a> Session<'a> {
         );
 
         let mut answers = own_answers?.into_iter();
+        let lease = match claim {
+            Some(claim) => Some(claim.take(&node, next_answer(&mut answers))?),
+            None => None,
+        };
+        let opened = async {
         let manifest_present = next_answer(&mut answers).exit_code == 0;
         let role = if manifest_present {
             Role::ControlPlane
@@ -719,9 +773,11 @@ impl<'a> Session<'a> {
                 cluster,
                 apiserver: own_apiserver,
                 kubelet_replaced: false,
+                kubelet_active_after_restart: false,
             },
             node_after_action: None,
             already_at_target: false,
+            lease: None,
         };
         // A node that already runs the target everywhere, and that we are not in the middle of
         // (a cordon of ours to undo), needs nothing: answer done without changing anything.
@@ -736,12 +792,35 @@ impl<'a> Session<'a> {
             }
         }
         Ok(session)
+        }
+        .await;
+        match opened {
+            Ok(mut session) => {
+                session.lease = lease;
+                Ok(session)
+            }
+            Err(e) => {
+                if let Some(lease) = lease {
+                    lease.release().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn check_lease(&self) -> Result<()> {
+        self.lease.as_ref().map_or(Ok(()), Lease::check)
+    }
+
+    async fn release_lease(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release().await;
+        }
     }
 
     async fn run(
         &mut self,
         progress: &watch::Sender<Progress>,
-        lease: &Lease,
     ) -> std::result::Result<Outcome, StepError> {
         if self.already_at_target {
             info!("already at the target version");
@@ -754,7 +833,7 @@ impl<'a> Session<'a> {
             let span = info_span!("step", step = step.id());
             let started = std::time::Instant::now();
             let result = async {
-                lease.check()?;
+                self.check_lease()?;
                 if self.is_done(step).await? {
                     debug!("already done");
                 } else {
@@ -837,12 +916,13 @@ impl<'a> Session<'a> {
             Step::Drain => self.drain().await,
             Step::InstallKubelet => self.install(&[Binary::Kubelet, Binary::Kubectl]).await,
             Step::RestartKubelet => {
-                exec_ok(
+                let state = exec_ok(
                     &self.node,
                     Command::new(["sh", "-c", RESTART_KUBELET]),
                     self.engine.timeouts.command,
                 )
                 .await?;
+                self.known.kubelet_active_after_restart = state.trim() == "active";
                 Ok(())
             }
             Step::VerifyNode => Ok(()),
@@ -858,14 +938,16 @@ impl<'a> Session<'a> {
             }
             Step::RecordVersion => {
                 let contents = format!("{}\n", self.target.version);
-                write_file_atomically(
+                let written = write_file_atomically(
                     &self.node,
                     KIND_VERSION_FILE,
                     contents.into_bytes(),
                     0o644,
                     self.engine.timeouts.command,
                 )
-                .await
+                .await?;
+                self.known.kind_version = Some(written.trim().to_string());
+                Ok(())
             }
         }
     }
@@ -881,8 +963,8 @@ impl<'a> Session<'a> {
                 format!("Node {} is still cordoned after uncordon", self.node.name()),
             )),
             Step::Drain | Step::Uncordon => Ok(()),
+            // What the write's own exec read back from the file once it was in place.
             Step::RecordVersion => {
-                self.known.kind_version = self.read_trimmed(KIND_VERSION_FILE).await?;
                 if self.known.kind_version.as_deref() != Some(v.to_string().as_str()) {
                     return Err(Error::Verify(format!(
                         "{KIND_VERSION_FILE} does not read {v}"
@@ -911,6 +993,7 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
+            Step::RestartKubelet if self.known.kubelet_active_after_restart => Ok(()),
             Step::RestartKubelet => self.wait_kubelet_active().await,
             Step::VerifyNode => self.wait_node_ready().await,
         }
@@ -1047,7 +1130,7 @@ impl<'a> Session<'a> {
         let name = self.node.name().to_string();
         let json = exec_ok(
             &self.control_plane,
-            kubectl_command(["get", "node", name.as_str(), "-o", "json"]),
+            node_command(&name),
             self.engine.timeouts.command,
         )
         .await?;
@@ -1086,13 +1169,7 @@ impl<'a> Session<'a> {
         let name = self.node.name().to_string();
         let mut batch = Batch::new(timeout + self.engine.timeouts.command);
         batch.push(&action);
-        batch.push(&kubectl_command([
-            "get",
-            "node",
-            name.as_str(),
-            "-o",
-            "json",
-        ]));
+        batch.push(&node_command(&name));
         let mut answers = batch.run(&self.control_plane).await?.into_iter();
         stdout_of(next_answer(&mut answers), self.control_plane.name())?;
         let json = stdout_of(next_answer(&mut answers), self.control_plane.name())?;
@@ -1111,10 +1188,7 @@ impl<'a> Session<'a> {
     async fn kubelet_active(&self) -> Result<bool> {
         let output = self
             .node
-            .exec(
-                Command::new(["systemctl", "is-active", "kubelet"])
-                    .timeout(self.engine.timeouts.command),
-            )
+            .exec(kubelet_active_command().timeout(self.engine.timeouts.command))
             .await?;
         Ok(output.exit_code == 0)
     }
@@ -1133,15 +1207,29 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// The Node as the API server has it, and whether the kubelet unit is active: one batch
+    /// when kubectl runs in the node itself (a control plane), else the two questions to the two
+    /// containers at once.
+    async fn node_and_kubelet(&self) -> Result<(NodeStatus, bool)> {
+        if self.control_plane.id() != self.node.id() {
+            return tokio::try_join!(self.node_status(), self.kubelet_active());
+        }
+        let name = self.node.name().to_string();
+        let mut batch = Batch::new(self.engine.timeouts.command);
+        batch.push(&node_command(&name));
+        batch.push(&kubelet_active_command());
+        let mut answers = batch.run(&self.node).await?.into_iter();
+        let json = stdout_of(next_answer(&mut answers), self.node.name())?;
+        let active = next_answer(&mut answers).exit_code == 0;
+        Ok((facts::node(&json)?, active))
+    }
+
     async fn wait_node_ready(&self) -> Result<()> {
         let v = self.target.version.to_string();
         let limit = self.engine.timeouts.node_ready;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            // Two different containers for a worker (the Node is read through a control plane),
-            // so the two questions go out together.
-            let (status, kubelet_active) =
-                tokio::try_join!(self.node_status(), self.kubelet_active())?;
+            let (status, kubelet_active) = self.node_and_kubelet().await?;
             if status.ready && status.kubelet_version == v && kubelet_active {
                 return Ok(());
             }
@@ -1157,15 +1245,6 @@ impl<'a> Session<'a> {
 
     // ----- files -----
 
-    async fn read_trimmed(&self, path: &str) -> Result<Option<String>> {
-        let output = self
-            .node
-            .exec(Command::new(["cat", path]).timeout(self.engine.timeouts.command))
-            .await?;
-        Ok((output.exit_code == 0)
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string()))
-    }
-
     async fn save_journal(&self) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.journal)
             .map_err(|e| Error::Verify(format!("journal: {e}")))?;
@@ -1176,36 +1255,39 @@ impl<'a> Session<'a> {
             0o644,
             self.engine.timeouts.command,
         )
-        .await
+        .await?;
+        Ok(())
     }
 }
 
 /// Writes `contents` (sent on stdin) under a temporary name next to `path`, then renames it
 /// into place, in one exec: readers never see a torn file. The script is a constant; the path
-/// parts and mode arrive as arguments.
+/// parts and mode arrive as arguments. It prints the file as it reads once in place, so a
+/// caller can verify the write without another exec.
 const WRITE_ATOMICALLY: &str = r#"set -eu
 dir="$1"; name="$2"; mode="$3"
 mkdir -p "$dir"
 cat > "$dir/.$name.capd-inplace"
 chmod "$mode" "$dir/.$name.capd-inplace"
 mv -f "$dir/.$name.capd-inplace" "$dir/$name"
+cat "$dir/$name"
 "#;
 
+/// Writes `path` atomically and returns its contents as read back after the rename.
 async fn write_file_atomically(
     node: &DockerNode,
     path: &str,
     contents: Vec<u8>,
     mode: u32,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<String> {
     let (dir, name) = path
         .rsplit_once('/')
         .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
     let command = Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name])
         .arg(format!("{mode:o}"))
         .stdin(contents);
-    exec_ok(node, command, timeout).await?;
-    Ok(())
+    exec_ok(node, command, timeout).await
 }
 
 /// For each binary: keeps the first replaced copy (`cp -n`: a retry keeps the original), then
@@ -1222,8 +1304,19 @@ while [ "$#" -ge 4 ]; do
 done
 "#;
 
-/// The kubelet runs the new binary only after systemd re-reads its units and restarts it.
-const RESTART_KUBELET: &str = "set -e; systemctl daemon-reload; systemctl restart kubelet";
+/// Restarts the kubelet onto the new binary, then prints whether its unit is active, which the
+/// step's verification needs; re-reads the units first only when systemd says
+/// one changed on disk. A binary swap changes no unit, and kubeadm writes the kubelet's flags and
+/// configuration (read when the kubelet starts), not its unit files, so the reload the manual
+/// procedure runs every time is usually a no-op. It is not free: systemd re-runs every generator
+/// and re-reads every unit, the costliest command of a node upgrade in a kind node. A drop-in
+/// someone did change is still picked up, because systemd then reports `NeedDaemonReload=yes`.
+const RESTART_KUBELET: &str = r#"set -e
+if [ "$(systemctl show --property=NeedDaemonReload --value kubelet)" != no ]; then
+  systemctl daemon-reload
+fi
+systemctl restart kubelet
+systemctl is-active kubelet || true"#;
 
 /// Asks `program` (a path or name of a kubeadm, kubelet or kubectl binary) for its version,
 /// with the command and output format that tool's real version prints.
@@ -1279,6 +1372,15 @@ fn cluster_version_command() -> Command {
 async fn cluster_version(control_plane: &DockerNode, timeout: Duration) -> Result<KubeVersion> {
     let yaml = exec_ok(control_plane, cluster_version_command(), timeout).await?;
     Ok(facts::cluster_configuration_version(&yaml)?)
+}
+
+/// Reads the Node object `name` as JSON.
+fn node_command(name: &str) -> Command {
+    kubectl_command(["get", "node", name, "-o", "json"])
+}
+
+fn kubelet_active_command() -> Command {
+    Command::new(["systemctl", "is-active", "kubelet"])
 }
 
 fn kubectl_command<'s>(args: impl IntoIterator<Item = &'s str>) -> Command {

@@ -94,17 +94,14 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
-    fn hash_staged_command(&self) -> Command {
-        hash_command(
-            self.digests
-                .iter()
-                .map(|(binary, _)| self.paths.staged(binary.name())),
-        )
+    /// Prints the digest of each staged binary of the version `paths` belong to.
+    pub(super) fn hash_command(paths: &Paths) -> Command {
+        hash_command(Binary::ALL.map(|binary| paths.staged(binary.name())))
     }
 
     /// Whether the expected digest was printed for every staged binary. A missing file prints
     /// no line, so it does not match.
-    fn digests_match(&self, output: &ExecOutput) -> bool {
+    pub(super) fn digests_match(&self, output: &ExecOutput) -> bool {
         let stdout = String::from_utf8_lossy(&output.stdout);
         self.digests.iter().all(|(binary, digest)| {
             let path = self.paths.staged(binary.name());
@@ -117,7 +114,7 @@ impl<'a> Staging<'a> {
     pub(super) async fn staged_digests_match(&self) -> Result<bool> {
         let output = self
             .node
-            .exec(self.hash_staged_command().timeout(self.timeouts.command))
+            .exec(Self::hash_command(&self.paths).timeout(self.timeouts.command))
             .await?;
         Ok(self.digests_match(&output))
     }
@@ -127,13 +124,20 @@ impl<'a> Staging<'a> {
     pub(super) async fn verify(&self) -> Result<()> {
         let v = self.version;
         let mut batch = Batch::new(self.timeouts.command);
-        batch.push(&self.hash_staged_command());
+        batch.push(&Self::hash_command(&self.paths));
         let asked = [Binary::Kubeadm, Binary::Kubelet];
         for binary in asked {
             batch.push(&version_command(binary, &self.paths.staged(binary.name())));
         }
         let mut answers = batch.run(&self.node).await?.into_iter();
         if !self.digests_match(&next_answer(&mut answers)) {
+            // Uploaded bytes that hash wrong in the node may come from a cached blob damaged
+            // where its file status cannot show it: the next attempt hashes the blobs again.
+            if let Source::Upload(cache) = self.source {
+                for (_, digest) in &self.digests {
+                    cache.distrust(digest).await?;
+                }
+            }
             return Err(Error::Verify(
                 "a staged binary does not match its published sha256".into(),
             ));
