@@ -232,8 +232,8 @@ impl Engine {
                     arch,
                     &self.timeouts,
                 );
-                staging.expected_digests().await?;
-                if !staging.digests_match(&next_answer(&mut answers)) {
+                staging.hashed_under_lease(next_answer(&mut answers));
+                if !staging.is_done().await? {
                     staging.stage().await?;
                     staging.verify().await?;
                 }
@@ -651,6 +651,7 @@ impl<'a> Session<'a> {
             own_questions.push(&version_command(binary, binary.name()));
         }
         own_questions.push(&Command::new(["cat", paths.journal().as_str()]));
+        own_questions.push(&Staging::hash_command(&paths));
         own_questions.push(&Command::new(["cat", KIND_VERSION_FILE]));
         if labelled_control_plane {
             control_plane_questions(&mut own_questions, true);
@@ -693,6 +694,7 @@ impl<'a> Session<'a> {
         let kubelet = parse_version(Binary::Kubelet, next_answer(&mut answers), node.name())?;
         let kubectl = parse_version(Binary::Kubectl, next_answer(&mut answers), node.name())?;
         let journal_answer = next_answer(&mut answers);
+        let staged_hashes = next_answer(&mut answers);
         let kind_answer = next_answer(&mut answers);
         let kind_version = (kind_answer.exit_code == 0).then(|| {
             String::from_utf8_lossy(&kind_answer.stdout)
@@ -749,15 +751,11 @@ impl<'a> Session<'a> {
 
         journal.from = Some(from);
         journal.completed.insert(Step::Preflight);
+        let mut staging = Staging::new(node.clone(), version, &options.source, arch, &engine.timeouts);
+        staging.hashed_under_lease(staged_hashes);
         let mut session = Session {
             engine,
-            staging: Staging::new(
-                node.clone(),
-                version,
-                &options.source,
-                arch,
-                &engine.timeouts,
-            ),
+            staging,
             node,
             control_plane,
             target,
