@@ -329,6 +329,26 @@ async fn a_batch_answers_each_command_as_if_it_ran_alone() {
         Error::Exec { argv, .. } => assert_eq!(argv, ["cat", "/nonexistent-file"]),
         other => panic!("{other:?}"),
     }
+
+    // A procedure stops at its first failure: nothing after it runs.
+    let mut procedure = Batch::new(Duration::from_secs(20)).stop_at_failure();
+    for argv in [
+        vec!["touch", "/tmp/first"],
+        vec!["sh", "-c", "echo broken >&2; exit 4"],
+        vec!["touch", "/tmp/after-the-failure"],
+    ] {
+        procedure.push(&Command::new(argv));
+    }
+    let outputs = procedure.run(&node).await.unwrap();
+    assert_eq!(outputs.len(), 2);
+    assert_eq!((outputs[0].exit_code, outputs[1].exit_code), (0, 4));
+    assert_eq!(outputs[1].stderr, b"broken");
+    let listing = node
+        .exec(Command::new(["ls", "/tmp/first", "/tmp/after-the-failure"]))
+        .await
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert_eq!(listing.trim(), "/tmp/first");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,17 +11,21 @@
 //! - trailing newlines of each stdout and stderr are dropped and NUL bytes are removed (bash
 //!   command substitution): the answers batched are text that is parsed, not copied;
 //! - the commands share the batch's one timeout;
-//! - a command runs even when the one before it failed: they are questions, not a procedure.
+//! - a command runs even when the one before it failed, as questions should; a batch made
+//!   with [`Batch::stop_at_failure`] is a procedure instead, and answers only up to the first
+//!   command that failed.
 
 use std::time::Duration;
 
 use super::command::{Command, ExecOutput};
 use super::{Error, NodeExec, Result};
 
-/// Runs each command given as `<argc> <argv...>` and prints `<exit> <stdout bytes> <stderr bytes>`,
+/// After a first argument saying whether to stop at the first failure (`1`) or not (`0`), runs
+/// each command given as `<argc> <argv...>` and prints `<exit> <stdout bytes> <stderr bytes>`,
 /// a newline, the stdout, a newline, the stderr and a newline. `LC_ALL=C` (set by the caller)
 /// makes `${#var}` count bytes, not characters.
 const SCRIPT: &str = r#"set -u
+stop=$1; shift
 err=$(mktemp) || exit 125
 trap 'rm -f "$err"' EXIT
 while (( $# > 0 )); do
@@ -30,6 +34,7 @@ while (( $# > 0 )); do
   shift "$argc"
   errout=$(<"$err")
   printf '%d %d %d\n%s\n%s\n' "$rc" "${#out}" "${#errout}" "$out" "$errout"
+  if (( stop && rc != 0 )); then exit 0; fi
 done
 "#;
 
@@ -38,6 +43,7 @@ done
 pub struct Batch {
     commands: Vec<Vec<String>>,
     timeout: Duration,
+    stop_at_failure: bool,
 }
 
 impl Batch {
@@ -46,7 +52,15 @@ impl Batch {
         Batch {
             commands: Vec::new(),
             timeout,
+            stop_at_failure: false,
         }
+    }
+
+    /// Makes the batch a procedure: a command runs only when every one before it succeeded, and
+    /// the answers end with the first failure.
+    pub fn stop_at_failure(mut self) -> Batch {
+        self.stop_at_failure = true;
+        self
     }
 
     /// Adds `command`'s argv. Its own timeout, stdin and environment are not used.
@@ -62,9 +76,11 @@ impl Batch {
         self.commands.is_empty()
     }
 
-    /// Runs the batch on `node`: one output per command, in the order they were pushed.
+    /// Runs the batch on `node`: one output per command, in the order they were pushed (for a
+    /// procedure, up to and including the first that failed).
     pub async fn run<N: NodeExec>(&self, node: &N) -> Result<Vec<ExecOutput>> {
-        let mut command = Command::new(["bash", "-c", SCRIPT, "bash"])
+        let stop = if self.stop_at_failure { "1" } else { "0" };
+        let mut command = Command::new(["bash", "-c", SCRIPT, "bash", stop])
             .env("LC_ALL", "C")
             .timeout(self.timeout);
         for argv in &self.commands {
@@ -82,20 +98,25 @@ impl Batch {
         if output.exit_code != 0 {
             return Err(output.into_error(node.name()));
         }
-        parse(&output.stdout, &self.commands).map_err(|reason| Error::Batch {
+        parse(&output.stdout, &self.commands, self.stop_at_failure).map_err(|reason| Error::Batch {
             container: node.name().to_string(),
             reason,
         })
     }
 }
 
-/// Splits the script's stdout back into one output per command.
+/// Splits the script's stdout back into one output per command; a procedure's answers may end
+/// early, at a failure.
 fn parse(
     mut stdout: &[u8],
     commands: &[Vec<String>],
+    stop_at_failure: bool,
 ) -> std::result::Result<Vec<ExecOutput>, String> {
-    let mut outputs = Vec::with_capacity(commands.len());
+    let mut outputs: Vec<ExecOutput> = Vec::with_capacity(commands.len());
     for argv in commands {
+        if stop_at_failure && outputs.last().is_some_and(|last| last.exit_code != 0) {
+            break;
+        }
         let newline = stdout
             .iter()
             .position(|&b| b == b'\n')
@@ -156,7 +177,7 @@ mod tests {
     #[test]
     fn splits_answers_with_newlines_and_empty_parts() {
         let stdout = b"0 9 0\nv1.32.3\nx\n\n1 0 12\n\nno such file\n";
-        let outputs = parse(stdout, &argvs(2)).unwrap();
+        let outputs = parse(stdout, &argvs(2), false).unwrap();
         assert_eq!(outputs[0].exit_code, 0);
         assert_eq!(outputs[0].stdout, b"v1.32.3\nx");
         assert!(outputs[0].stderr.is_empty());
@@ -164,6 +185,18 @@ mod tests {
         assert!(outputs[1].stdout.is_empty());
         assert_eq!(outputs[1].stderr, b"no such file");
         assert_eq!(outputs[1].argv, vec!["cmd1".to_string()]);
+    }
+
+    #[test]
+    fn a_procedure_answers_up_to_its_first_failure() {
+        let stdout = b"0 2 0\nok\n\n3 0 4\n\nfail\n";
+        let outputs = parse(stdout, &argvs(3), true).unwrap();
+        assert_eq!(outputs.len(), 2);
+        assert_eq!(outputs[1].exit_code, 3);
+        assert_eq!(outputs[1].argv, vec!["cmd1".to_string()]);
+        // Stopping early is only allowed at a failure, and only for a procedure.
+        assert!(parse(b"0 0 0\n\n\n", &argvs(2), true).is_err());
+        assert!(parse(stdout, &argvs(3), false).is_err());
     }
 
     #[test]
@@ -178,7 +211,7 @@ mod tests {
         ];
         for stdout in cases {
             assert!(
-                parse(stdout, &argvs(1)).is_err(),
+                parse(stdout, &argvs(1), false).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(stdout)
             );

@@ -79,6 +79,27 @@ pub struct RecordedError {
     pub message: String,
 }
 
+/// The most of an error message the journal keeps. The journal reaches the node as one argument
+/// of an exec, which the kernel caps at 128 KiB, and a failed command's message carries up to
+/// 64 KiB of its output; the end of it says what went wrong.
+const RECORDED_MESSAGE_BYTES: usize = 8 * 1024;
+
+impl RecordedError {
+    /// Records `message`, keeping its last [`RECORDED_MESSAGE_BYTES`] when it is longer.
+    pub fn new(step: Step, message: &str) -> RecordedError {
+        let mut start = message.len().saturating_sub(RECORDED_MESSAGE_BYTES);
+        while !message.is_char_boundary(start) {
+            start += 1;
+        }
+        let message = if start == 0 {
+            message.to_string()
+        } else {
+            format!("…{}", &message[start..])
+        };
+        RecordedError { step, message }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Journal {
@@ -156,6 +177,17 @@ pub const LEASE_HELD: i64 = 75;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_errors_keep_the_end_of_long_messages() {
+        let short = RecordedError::new(Step::Drain, "drain failed");
+        assert_eq!(short.message, "drain failed");
+        // Three-byte characters: the cut falls inside one and moves to the next boundary.
+        let long = format!("{}the end", "€".repeat(4_000));
+        let kept = RecordedError::new(Step::KubeadmUpgrade, &long).message;
+        assert!(kept.starts_with('…') && kept.ends_with("the end"), "{kept}");
+        assert!(kept.len() <= RECORDED_MESSAGE_BYTES + '…'.len_utf8());
+    }
 
     #[test]
     fn paths_stay_under_root() {

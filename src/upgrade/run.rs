@@ -171,16 +171,18 @@ impl Engine {
             let mut session = opened.map_err(|e| step_error(Step::Preflight, e))?;
             let outcome = session.run(progress).await;
             if let Err(error) = &outcome {
-                session.journal.last_error = Some(RecordedError {
-                    step: error.step,
-                    message: error.source.to_string(),
-                });
-                if let Err(e) = session.save_journal().await {
-                    warn!(error = %e, "could not record the failure in the journal");
-                }
+                session.journal.last_error =
+                    Some(RecordedError::new(error.step, &error.source.to_string()));
+                session.journal_unsaved = true;
             }
-            session.release_lease().await;
-            outcome
+            match (session.finish().await, outcome) {
+                (Err(e), Ok(_)) => Err(session.step_error(Step::RecordVersion, e)),
+                (Err(e), Err(failed)) => {
+                    warn!(error = %e, "could not record the failure in the journal");
+                    Err(failed)
+                }
+                (Ok(()), outcome) => outcome,
+            }
         }
         .instrument(span)
         .await
@@ -418,10 +420,15 @@ impl Lease {
         Ok(())
     }
 
+    /// Releases the lease if this process still holds it.
+    fn release_command(&self) -> Command {
+        under_lease_lock(journal::LEASE_RELEASE).arg(self.owner.as_ref())
+    }
+
     async fn release(self) {
         // Stop renewing first, or a renewal could re-take the lease right after the release.
         self.renewer.abort();
-        let release = under_lease_lock(journal::LEASE_RELEASE).arg(self.owner.as_ref());
+        let release = self.release_command();
         if let Err(e) = exec_ok(&self.node, release, Duration::from_secs(30)).await {
             warn!(error = %e, "could not release the node lease; it expires by itself");
         }
@@ -508,6 +515,12 @@ struct Session<'a> {
     already_at_target: bool,
     /// Held from the preflight batch on; `None` for a read-only preview.
     lease: Option<Lease>,
+    /// The journal changed since it was last written. It is written by the next exec that
+    /// changes the node, ahead of the change and stopping it if the write fails, so the node
+    /// never runs ahead of its journal, and by the exec that releases the lease.
+    journal_unsaved: bool,
+    /// The installed binaries' versions, asked by the exec that installed them.
+    versions_after_install: Option<Vec<ExecOutput>>,
 }
 
 /// What this attempt knows the node shows: read by preflight, then updated by the attempt's own
@@ -776,6 +789,8 @@ impl<'a> Session<'a> {
             node_after_action: None,
             already_at_target: false,
             lease: None,
+            journal_unsaved: false,
+            versions_after_install: None,
         };
         // A node that already runs the target everywhere, and that we are not in the middle of
         // (a cordon of ours to undo), needs nothing: answer done without changing anything.
@@ -810,10 +825,60 @@ impl<'a> Session<'a> {
         self.lease.as_ref().map_or(Ok(()), Lease::check)
     }
 
-    async fn release_lease(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release().await;
+    /// Writes the journal if it changed, and releases the lease, in one exec. The release
+    /// happens whether or not the write succeeded; a failed write is the error.
+    async fn finish(&mut self) -> Result<()> {
+        let Some(lease) = self.lease.take() else {
+            return Ok(());
+        };
+        let journal = if self.journal_unsaved {
+            Some(self.journal_command()?)
+        } else {
+            None
+        };
+        let mut batch = Batch::new(self.engine.timeouts.command);
+        if let Some(journal) = &journal {
+            batch.push(journal);
         }
+        batch.push(&lease.release_command());
+        // Stop renewing first, or a renewal could re-take the lease right after the release.
+        drop(lease);
+        let mut answers = batch.run(&self.node).await?.into_iter();
+        let written = journal
+            .map(|_| stdout_of(next_answer(&mut answers), self.node.name()))
+            .transpose();
+        if let Err(e) = stdout_of(next_answer(&mut answers), self.node.name()) {
+            warn!(error = %e, "could not release the node lease; it expires by itself");
+        }
+        written?;
+        self.journal_unsaved = false;
+        Ok(())
+    }
+
+    /// Runs `commands` as one procedure in the node, the journal first if it changed: each
+    /// command runs only if every one before it succeeded. Returns the commands' answers, up to
+    /// the first failure; the caller checks them.
+    async fn change(&mut self, commands: &[Command], timeout: Duration) -> Result<Vec<ExecOutput>> {
+        let mut procedure = Batch::new(timeout).stop_at_failure();
+        let journal = self.journal_unsaved;
+        if journal {
+            procedure.push(&self.journal_command()?);
+        }
+        for command in commands {
+            procedure.push(command);
+        }
+        let mut answers = procedure.run(&self.node).await?;
+        if journal {
+            stdout_of(answers.remove(0), self.node.name())?;
+            self.journal_unsaved = false;
+        }
+        Ok(answers)
+    }
+
+    /// Runs `command` as a change (see [`Session::change`]) and returns its stdout.
+    async fn change_one(&mut self, command: Command, timeout: Duration) -> Result<String> {
+        let mut answers = self.change(&[command], timeout).await?.into_iter();
+        stdout_of(next_answer(&mut answers), self.node.name())
     }
 
     async fn run(
@@ -844,7 +909,7 @@ impl<'a> Session<'a> {
                     self.journal.done = true;
                 }
                 if step.recorded() {
-                    self.save_journal().await?;
+                    self.journal_unsaved = true;
                 }
                 Ok(())
             }
@@ -914,12 +979,12 @@ impl<'a> Session<'a> {
             Step::Drain => self.drain().await,
             Step::InstallKubelet => self.install(&[Binary::Kubelet, Binary::Kubectl]).await,
             Step::RestartKubelet => {
-                let state = exec_ok(
-                    &self.node,
-                    Command::new(["sh", "-c", RESTART_KUBELET]),
-                    self.engine.timeouts.command,
-                )
-                .await?;
+                let state = self
+                    .change_one(
+                        Command::new(["sh", "-c", RESTART_KUBELET]),
+                        self.engine.timeouts.command,
+                    )
+                    .await?;
                 self.known.kubelet_active_after_restart = state.trim() == "active";
                 Ok(())
             }
@@ -936,14 +1001,8 @@ impl<'a> Session<'a> {
             }
             Step::RecordVersion => {
                 let contents = format!("{}\n", self.target.version);
-                let written = write_file_atomically(
-                    &self.node,
-                    KIND_VERSION_FILE,
-                    contents.into_bytes(),
-                    0o644,
-                    self.engine.timeouts.command,
-                )
-                .await?;
+                let write = write_file_command(KIND_VERSION_FILE, &contents, 0o644)?;
+                let written = self.change_one(write, self.engine.timeouts.command).await?;
                 self.known.kind_version = Some(written.trim().to_string());
                 Ok(())
             }
@@ -971,10 +1030,9 @@ impl<'a> Session<'a> {
                 Ok(())
             }
             Step::Stage => self.staging.verify().await,
-            Step::InstallKubeadm => self.verify_installed(&[Binary::Kubeadm]).await,
+            Step::InstallKubeadm => self.verify_installed(&[Binary::Kubeadm]),
             Step::InstallKubelet => {
-                self.verify_installed(&[Binary::Kubelet, Binary::Kubectl])
-                    .await?;
+                self.verify_installed(&[Binary::Kubelet, Binary::Kubectl])?;
                 self.known.kubelet_replaced = true;
                 Ok(())
             }
@@ -1015,21 +1073,37 @@ impl<'a> Session<'a> {
                 format!("/usr/bin/.{name}.capd-inplace"),
             ]);
         }
-        exec_ok(&self.node, command, self.engine.timeouts.command).await?;
+        // The same exec asks the installed binaries their versions, for the verification.
+        let mut commands = vec![command];
+        commands.extend(
+            binaries
+                .iter()
+                .map(|binary| version_command(*binary, binary.name())),
+        );
+        let mut answers = self
+            .change(&commands, self.engine.timeouts.command)
+            .await?
+            .into_iter();
+        stdout_of(next_answer(&mut answers), self.node.name())?;
+        self.versions_after_install = Some(answers.collect());
         Ok(())
     }
 
-    /// Asks each installed binary its version (one batch) and records the answers; a binary
-    /// that does not run or answers something unexpected is not at the target.
-    async fn verify_installed(&mut self, binaries: &[Binary]) -> Result<()> {
+    /// Checks each installed binary's version, as the install's exec asked it, and records the
+    /// answers; a binary that does not run, answers something unexpected, or was not asked
+    /// (the procedure stopped before it) is not at the target.
+    fn verify_installed(&mut self, binaries: &[Binary]) -> Result<()> {
         let v = self.target.version;
-        let mut batch = Batch::new(self.engine.timeouts.command);
+        let mut answers = self
+            .versions_after_install
+            .take()
+            .unwrap_or_default()
+            .into_iter();
         for binary in binaries {
-            batch.push(&version_command(*binary, binary.name()));
-        }
-        let answers = batch.run(&self.node).await?;
-        for (binary, answer) in binaries.iter().zip(answers) {
-            let reported = parse_version(*binary, answer, self.node.name());
+            let reported = match answers.next() {
+                Some(answer) => parse_version(*binary, answer, self.node.name()),
+                None => Err(Error::Verify("not asked after the install".into())),
+            };
             if !matches!(reported, Ok(version) if version == v) {
                 return Err(Error::Verify(format!(
                     "the installed {} does not report {v}: {}",
@@ -1075,18 +1149,16 @@ impl<'a> Session<'a> {
     async fn kubeadm_upgrade(&mut self) -> Result<()> {
         let v = self.target.version;
         // kubeadm accepts an UpgradeConfiguration (v1beta4) from v1.31; before that only flags
-        // work (v1.30 refuses --config for upgrades).
+        // work (v1.30 refuses --config for upgrades). The configuration is written by the same
+        // exec, just before kubeadm runs.
+        let mut commands = Vec::with_capacity(2);
         let command = if v.minor >= 31 {
-            let config = upgrade_configuration(&v);
-            write_file_atomically(
-                &self.node,
-                &self.paths.upgrade_config(),
-                config.into_bytes(),
-                0o600,
-                self.engine.timeouts.command,
-            )
-            .await?;
             let config_path = self.paths.upgrade_config();
+            commands.push(write_file_command(
+                &config_path,
+                &upgrade_configuration(&v),
+                0o600,
+            )?);
             match self.plan.mode {
                 KubeadmMode::Apply => Command::new([
                     "kubeadm",
@@ -1118,7 +1190,11 @@ impl<'a> Session<'a> {
                 KubeadmMode::Node => Command::new(["kubeadm", "upgrade", "node", ignore.as_str()]),
             }
         };
-        exec_ok(&self.node, command, self.engine.timeouts.kubeadm).await?;
+        commands.push(command);
+        let timeout = self.engine.timeouts.kubeadm + self.engine.timeouts.command;
+        for answer in self.change(&commands, timeout).await? {
+            stdout_of(answer, self.node.name())?;
+        }
         Ok(())
     }
 
@@ -1141,9 +1217,10 @@ impl<'a> Session<'a> {
             // Someone else cordoned it: drain, but leave the cordon for them to lift.
             info!("node was already cordoned; it will stay cordoned");
         } else {
-            // Recorded before the cordon, so a crash right after it still uncordons.
+            // Recorded before the cordon (the drain's exec writes the journal first), so a crash
+            // right after it still uncordons.
             self.journal.cordoned_by_us = true;
-            self.save_journal().await?;
+            self.journal_unsaved = true;
         }
         let name = self.node.name().to_string();
         let timeout = format!("--timeout={}s", self.options.drain_timeout.as_secs());
@@ -1164,11 +1241,20 @@ impl<'a> Session<'a> {
     /// Runs a kubectl `action` on the Node and reads the Node right after it, in one batch on
     /// the control plane; the step's verification then looks at what was read.
     async fn kubectl_then_read_node(&mut self, action: Command, timeout: Duration) -> Result<()> {
-        let name = self.node.name().to_string();
-        let mut batch = Batch::new(timeout + self.engine.timeouts.command);
-        batch.push(&action);
-        batch.push(&node_command(&name));
-        let mut answers = batch.run(&self.control_plane).await?.into_iter();
+        let timeout = timeout + self.engine.timeouts.command;
+        let commands = [action, node_command(self.node.name())];
+        let answers = if self.control_plane.id() == self.node.id() {
+            self.change(&commands, timeout).await?
+        } else {
+            // kubectl runs in another container; the journal is written in this one first.
+            self.write_journal_if_changed().await?;
+            let mut procedure = Batch::new(timeout).stop_at_failure();
+            for command in &commands {
+                procedure.push(command);
+            }
+            procedure.run(&self.control_plane).await?
+        };
+        let mut answers = answers.into_iter();
         stdout_of(next_answer(&mut answers), self.control_plane.name())?;
         let json = stdout_of(next_answer(&mut answers), self.control_plane.name())?;
         self.node_after_action = Some(facts::node(&json)?);
@@ -1243,49 +1329,45 @@ impl<'a> Session<'a> {
 
     // ----- files -----
 
-    async fn save_journal(&self) -> Result<()> {
-        let json = serde_json::to_vec_pretty(&self.journal)
+    /// The command that writes the journal as it is now.
+    fn journal_command(&self) -> Result<Command> {
+        let json = serde_json::to_string_pretty(&self.journal)
             .map_err(|e| Error::Verify(format!("journal: {e}")))?;
-        write_file_atomically(
-            &self.node,
-            &self.paths.journal(),
-            json,
-            0o644,
-            self.engine.timeouts.command,
-        )
-        .await?;
+        write_file_command(&self.paths.journal(), &json, 0o644)
+    }
+
+    async fn write_journal_if_changed(&mut self) -> Result<()> {
+        if self.journal_unsaved {
+            self.change(&[], self.engine.timeouts.command).await?;
+        }
         Ok(())
     }
 }
 
-/// Writes `contents` (sent on stdin) under a temporary name next to `path`, then renames it
-/// into place, in one exec: readers never see a torn file. The script is a constant; the path
-/// parts and mode arrive as arguments. It prints the file as it reads once in place, so a
-/// caller can verify the write without another exec.
+/// Writes the contents under a temporary name next to the file, then renames it into place:
+/// readers never see a torn file. The script is a constant; the path parts, the mode and the
+/// contents arrive as arguments (text of a few kilobytes at most, far below the kernel's limit
+/// for one argument), so the write can be one command of a batch. It prints the file as it
+/// reads once in place, so a caller can verify the write without another exec.
 const WRITE_ATOMICALLY: &str = r#"set -eu
 dir="$1"; name="$2"; mode="$3"
 mkdir -p "$dir"
-cat > "$dir/.$name.capd-inplace"
+printf '%s' "$4" > "$dir/.$name.capd-inplace"
 chmod "$mode" "$dir/.$name.capd-inplace"
 mv -f "$dir/.$name.capd-inplace" "$dir/$name"
 cat "$dir/$name"
 "#;
 
-/// Writes `path` atomically and returns its contents as read back after the rename.
-async fn write_file_atomically(
-    node: &DockerNode,
-    path: &str,
-    contents: Vec<u8>,
-    mode: u32,
-    timeout: Duration,
-) -> Result<String> {
+/// The command that writes `contents` to `path` atomically and prints it back.
+fn write_file_command(path: &str, contents: &str, mode: u32) -> Result<Command> {
     let (dir, name) = path
         .rsplit_once('/')
         .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
-    let command = Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name])
-        .arg(format!("{mode:o}"))
-        .stdin(contents);
-    exec_ok(node, command, timeout).await
+    Ok(
+        Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name])
+            .arg(format!("{mode:o}"))
+            .arg(contents),
+    )
 }
 
 /// For each binary: keeps the first replaced copy (`cp -n`: a retry keeps the original), then
