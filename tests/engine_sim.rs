@@ -58,6 +58,19 @@ async fn stdout(f: &Fixture, node: &str, argv: &[&str]) -> String {
     out.stdout.trim().to_string()
 }
 
+/// systemd's `NeedDaemonReload` for the kubelet unit: `yes` when a unit file changed on disk
+/// since systemd last read it.
+async fn kubelet_needs_reload(f: &Fixture, node: &str) -> String {
+    let argv = [
+        "systemctl",
+        "show",
+        "--property=NeedDaemonReload",
+        "--value",
+        "kubelet",
+    ];
+    stdout(f, node, &argv).await
+}
+
 /// Asserts everything a finished upgrade must leave behind on `node`.
 async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: bool) {
     assert_eq!(
@@ -172,21 +185,7 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        stdout(
-            &f,
-            &worker,
-            &[
-                "systemctl",
-                "show",
-                "--property=NeedDaemonReload",
-                "--value",
-                "kubelet"
-            ]
-        )
-        .await,
-        "yes"
-    );
+    assert_eq!(kubelet_needs_reload(&f, &worker).await, "yes");
 
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = {
@@ -224,21 +223,7 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
         "{environment}"
     );
     for node in [&cp, &worker] {
-        assert_eq!(
-            stdout(
-                &f,
-                node,
-                &[
-                    "systemctl",
-                    "show",
-                    "--property=NeedDaemonReload",
-                    "--value",
-                    "kubelet"
-                ]
-            )
-            .await,
-            "no"
-        );
+        assert_eq!(kubelet_needs_reload(&f, node).await, "no");
     }
     assert_eq!(
         f.cluster.cluster_version().await.unwrap().to_string(),
