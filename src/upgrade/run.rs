@@ -510,8 +510,10 @@ struct Session<'a> {
     plan: Plan,
     staging: Staging<'a>,
     known: Known,
-    /// The Node as read in the same exec as the last drain or uncordon, for its verification.
-    node_after_action: Option<NodeStatus>,
+    /// What the last action's own exec asked for the step's verification (the installed
+    /// versions, the control plane after kubeadm, the Node after a drain or an uncordon): the
+    /// verification needs no exec of its own.
+    asked_after_action: Option<Vec<ExecOutput>>,
     already_at_target: bool,
     /// Held from the preflight batch on; `None` for a read-only preview.
     lease: Option<Lease>,
@@ -519,8 +521,6 @@ struct Session<'a> {
     /// changes the node, ahead of the change and stopping it if the write fails, so the node
     /// never runs ahead of its journal, and by the exec that releases the lease.
     journal_unsaved: bool,
-    /// The installed binaries' versions, asked by the exec that installed them.
-    versions_after_install: Option<Vec<ExecOutput>>,
 }
 
 /// What this attempt knows the node shows: read by preflight, then updated by the attempt's own
@@ -786,11 +786,10 @@ impl<'a> Session<'a> {
                 kubelet_replaced: false,
                 kubelet_active_after_restart: false,
             },
-            node_after_action: None,
+            asked_after_action: None,
             already_at_target: false,
             lease: None,
             journal_unsaved: false,
-            versions_after_install: None,
         };
         // A node that already runs the target everywhere, and that we are not in the middle of
         // (a cordon of ours to undo), needs nothing: answer done without changing anything.
@@ -900,6 +899,8 @@ impl<'a> Session<'a> {
                 if self.is_done(step).await? {
                     debug!("already done");
                 } else {
+                    // Only this step's action may answer for this step's verification.
+                    self.asked_after_action = None;
                     self.act(step).await?;
                     self.verify(step).await?;
                 }
@@ -1038,7 +1039,8 @@ impl<'a> Session<'a> {
             }
             Step::KubeadmUpgrade => {
                 if self.plan.role == Role::ControlPlane {
-                    if !self.control_plane_at_target().await? {
+                    let asked = self.asked_after_action.take().unwrap_or_default();
+                    if !self.control_plane_answers_at_target(asked)? {
                         return Err(Error::Verify(format!(
                             "the control-plane manifests or kubeadm-config are not at {v} after {}",
                             self.plan.mode.command()
@@ -1085,7 +1087,7 @@ impl<'a> Session<'a> {
             .await?
             .into_iter();
         stdout_of(next_answer(&mut answers), self.node.name())?;
-        self.versions_after_install = Some(answers.collect());
+        self.asked_after_action = Some(answers.collect());
         Ok(())
     }
 
@@ -1095,15 +1097,15 @@ impl<'a> Session<'a> {
     fn verify_installed(&mut self, binaries: &[Binary]) -> Result<()> {
         let v = self.target.version;
         let mut answers = self
-            .versions_after_install
+            .asked_after_action
             .take()
             .unwrap_or_default()
             .into_iter();
         for binary in binaries {
-            let reported = match answers.next() {
-                Some(answer) => parse_version(*binary, answer, self.node.name()),
-                None => Err(Error::Verify("not asked after the install".into())),
-            };
+            let reported = answers
+                .next()
+                .ok_or_else(|| Error::Verify("not asked after the install".into()))
+                .and_then(|answer| parse_version(*binary, answer, self.node.name()));
             if !matches!(reported, Ok(version) if version == v) {
                 return Err(Error::Verify(format!(
                     "the installed {} does not report {v}: {}",
@@ -1126,13 +1128,26 @@ impl<'a> Session<'a> {
     /// name the target version. One batch on the node, which is a control plane and so also
     /// where kubectl runs.
     async fn control_plane_at_target(&self) -> Result<bool> {
-        let v = self.target.version;
         let mut batch = Batch::new(self.engine.timeouts.command);
-        batch.push(&cluster_version_command());
-        for manifest in CONTROL_PLANE_MANIFESTS {
-            batch.push(&Command::new(["cat", manifest]));
+        for question in control_plane_version_questions() {
+            batch.push(&question);
         }
-        let mut answers = batch.run(&self.node).await?.into_iter();
+        let answers = batch.run(&self.node).await?;
+        self.control_plane_answers_at_target(answers)
+    }
+
+    /// Reads the answers to [`control_plane_version_questions`]; a missing answer (a procedure
+    /// that stopped early) is an error.
+    fn control_plane_answers_at_target(&self, answers: Vec<ExecOutput>) -> Result<bool> {
+        let v = self.target.version;
+        let expected = CONTROL_PLANE_MANIFESTS.len() + 1;
+        if answers.len() != expected {
+            return Err(Error::Verify(format!(
+                "{} of {expected} control-plane checks answered",
+                answers.len()
+            )));
+        }
+        let mut answers = answers.into_iter();
         let yaml = stdout_of(next_answer(&mut answers), self.node.name())?;
         if facts::cluster_configuration_version(&yaml)? != v {
             return Ok(false);
@@ -1191,10 +1206,18 @@ impl<'a> Session<'a> {
             }
         };
         commands.push(command);
+        // On a control plane, the same exec then reads what the verification compares.
+        let action_commands = commands.len();
+        if self.plan.role == Role::ControlPlane {
+            commands.extend(control_plane_version_questions());
+        }
         let timeout = self.engine.timeouts.kubeadm + self.engine.timeouts.command;
-        for answer in self.change(&commands, timeout).await? {
+        let mut answers = self.change(&commands, timeout).await?;
+        let asked = answers.split_off(action_commands.min(answers.len()));
+        for answer in answers {
             stdout_of(answer, self.node.name())?;
         }
+        self.asked_after_action = Some(asked);
         Ok(())
     }
 
@@ -1256,15 +1279,20 @@ impl<'a> Session<'a> {
         };
         let mut answers = answers.into_iter();
         stdout_of(next_answer(&mut answers), self.control_plane.name())?;
-        let json = stdout_of(next_answer(&mut answers), self.control_plane.name())?;
-        self.node_after_action = Some(facts::node(&json)?);
+        self.asked_after_action = Some(answers.collect());
         Ok(())
     }
 
-    /// The Node as read right after this attempt's last kubectl action, or now.
+    /// The Node as read right after this attempt's last kubectl action, or now when the action
+    /// was skipped.
     async fn node_after_action(&mut self) -> Result<NodeStatus> {
-        match self.node_after_action.take() {
-            Some(status) => Ok(status),
+        match self.asked_after_action.take() {
+            Some(answers) => {
+                let answer = answers.into_iter().next().ok_or_else(|| {
+                    Error::Verify("the Node was not read after the action".into())
+                })?;
+                Ok(facts::node(&stdout_of(answer, self.control_plane.name())?)?)
+            }
             None => self.node_status().await,
         }
     }
@@ -1434,6 +1462,18 @@ pub(super) fn parse_version(
         Binary::Kubelet => facts::kubelet_version(&stdout),
         Binary::Kubectl => facts::kubectl_client_version(&stdout),
     }?)
+}
+
+/// What [`Session::control_plane_answers_at_target`] reads: the cluster's kubeadm-config, then
+/// each control-plane manifest.
+fn control_plane_version_questions() -> Vec<Command> {
+    let mut questions = vec![cluster_version_command()];
+    questions.extend(
+        CONTROL_PLANE_MANIFESTS
+            .iter()
+            .map(|manifest| Command::new(["cat", *manifest])),
+    );
+    questions
 }
 
 fn cluster_version_command() -> Command {
