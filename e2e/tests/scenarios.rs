@@ -300,6 +300,14 @@ fn would_replace(decisions: &[Decision]) -> Vec<String> {
 async fn minor_upgrade_of_three_control_planes_and_two_workers_in_place() {
     let env = env("e2e-big", 3, 2, &[]).await;
     let before = env.extension.metrics().await.unwrap();
+    // Held in `kubeadm upgrade node` for longer than two of the driver's polls, so the progress
+    // the Machine controller sees is observed whatever the speed of the rest of the upgrade.
+    let held = env.cluster.nodes()[3].name.clone();
+    let delay: Fault = serde_json::from_str(r#"{"delay_ms":6000}"#).unwrap();
+    env.cluster
+        .inject_fault(&held, "kubeadm-upgrade-node", &delay)
+        .await
+        .unwrap();
 
     let cp = env
         .driver
@@ -337,9 +345,12 @@ async fn minor_upgrade_of_three_control_planes_and_two_workers_in_place() {
         );
     }
     assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Updating { message, .. } if message.starts_with("step ")))
+        events.iter().any(|e| matches!(
+            e,
+            Event::Updating { machine, message }
+                if *machine == held && message.starts_with("step 4/10: kubeadm upgrade")
+        )),
+        "{events:#?}"
     );
     // Bookkeeping cleared on every Machine.
     for machine in env.driver.workload().machines {
