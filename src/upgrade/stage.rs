@@ -26,6 +26,9 @@ pub(super) struct Staging<'a> {
     /// The digests of what was staged, as hashed in the batch that took the node's lease; the
     /// first check answers from it instead of hashing again.
     hashed_under_lease: Option<ExecOutput>,
+    /// The digests of the uploaded files, each hashed in the node as soon as it landed; the
+    /// verification reads them instead of hashing again.
+    hashed_after_upload: Option<String>,
 }
 
 impl<'a> Staging<'a> {
@@ -46,6 +49,7 @@ impl<'a> Staging<'a> {
             digests: Vec::new(),
             cached: None,
             hashed_under_lease: None,
+            hashed_after_upload: None,
         }
     }
 
@@ -58,7 +62,7 @@ impl<'a> Staging<'a> {
     pub(super) async fn is_done(&mut self) -> Result<bool> {
         self.expected_digests().await?;
         match self.hashed_under_lease.take() {
-            Some(answer) => Ok(self.digests_match(&answer)),
+            Some(answer) => Ok(self.digests_match(&answer.stdout)),
             None => self.staged_digests_match().await,
         }
     }
@@ -111,10 +115,10 @@ impl<'a> Staging<'a> {
         hash_command(Binary::ALL.map(|binary| paths.staged(binary.name())))
     }
 
-    /// Whether the expected digest was printed for every staged binary. A missing file prints
-    /// no line, so it does not match.
-    fn digests_match(&self, output: &ExecOutput) -> bool {
-        let stdout = String::from_utf8_lossy(&output.stdout);
+    /// Whether the expected digest was printed (by [`HASH_FILES`]) for every staged binary. A
+    /// missing file prints no line, so it does not match.
+    fn digests_match(&self, printed: &[u8]) -> bool {
+        let stdout = String::from_utf8_lossy(printed);
         self.digests.iter().all(|(binary, digest)| {
             let path = self.paths.staged(binary.name());
             stdout
@@ -128,21 +132,29 @@ impl<'a> Staging<'a> {
             .node
             .exec(Self::hash_command(&self.paths).timeout(self.timeouts.command))
             .await?;
-        Ok(self.digests_match(&output))
+        Ok(self.digests_match(&output.stdout))
     }
 
     /// The staged bytes must match their published digests, and be the right programs: each
-    /// staged kubeadm and kubelet is asked its version too. One batch.
-    pub(super) async fn verify(&self) -> Result<()> {
+    /// staged kubeadm and kubelet is asked its version too. One batch, which also hashes the
+    /// files unless the upload already did.
+    pub(super) async fn verify(&mut self) -> Result<()> {
         let v = self.version;
         let mut batch = Batch::new(self.timeouts.command);
-        batch.push(&Self::hash_command(&self.paths));
+        let hashed_after_upload = self.hashed_after_upload.take();
+        if hashed_after_upload.is_none() {
+            batch.push(&Self::hash_command(&self.paths));
+        }
         let asked = [Binary::Kubeadm, Binary::Kubelet];
         for binary in asked {
             batch.push(&version_command(binary, &self.paths.staged(binary.name())));
         }
         let mut answers = batch.run(&self.node).await?.into_iter();
-        if !self.digests_match(&next_answer(&mut answers)) {
+        let hashes = match hashed_after_upload {
+            Some(printed) => printed.into_bytes(),
+            None => next_answer(&mut answers).stdout,
+        };
+        if !self.digests_match(&hashes) {
             // Uploaded bytes that hash wrong in the node may come from a cached blob damaged
             // where its file status cannot show it: the next attempt hashes the blobs again.
             if let Source::Upload(cache) = self.source {
@@ -181,13 +193,33 @@ impl<'a> Staging<'a> {
                             .await?
                     }
                 };
-                let files = Binary::ALL
-                    .into_iter()
-                    .map(|binary| {
-                        UploadFile::from_path(binary.name(), cached.get(binary).path.clone(), 0o755)
-                    })
-                    .collect();
-                self.node.upload(&bin_dir, files).await?;
+                // One archive a binary, all at once, each hashed in the node as soon as it
+                // landed: the hashing of one overlaps the transfer of the others, where a single
+                // archive would leave the node's CPU idle during the transfer and the transfer
+                // idle during the hashing.
+                let node = &self.node;
+                let paths = &self.paths;
+                let uploads = Binary::ALL.map(|binary| {
+                    let file = UploadFile::from_path(
+                        binary.name(),
+                        cached.get(binary).path.clone(),
+                        0o755,
+                    );
+                    let bin_dir = bin_dir.as_str();
+                    async move {
+                        node.upload(bin_dir, vec![file]).await?;
+                        let hash = hash_command([paths.staged(binary.name())]).timeout(quick);
+                        Ok::<_, Error>(node.exec(hash).await?.stdout)
+                    }
+                });
+                let printed = futures::future::try_join_all(uploads).await?;
+                self.hashed_after_upload = Some(
+                    printed
+                        .iter()
+                        .map(|p| String::from_utf8_lossy(p))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
             }
             Source::FetchInNode { base_url } => {
                 exec_ok(
