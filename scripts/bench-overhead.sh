@@ -12,12 +12,8 @@ set -euo pipefail
 RUNS="${RUNS:-3}"
 FROM=v1.31.4
 TO=v1.32.3
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-
-cargo build -q --release -p capd-inplace -p capd-inplace-e2e -p capd-inplace-simnode
-bin="$root/target/release"
-export CAPD_SIMNODE_BIN="$bin/simnode"
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 work="$(mktemp -d /var/tmp/capd-inplace-bench.XXXXXX)"
 clusters=()
 watcher=""

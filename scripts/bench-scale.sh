@@ -13,12 +13,8 @@
 set -euo pipefail
 
 WORKERS="${WORKERS:-1,5,10,20}"
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-
-cargo build -q --release -p capd-inplace -p capd-inplace-e2e -p capd-inplace-simnode
-bin="$root/target/release"
-export CAPD_SIMNODE_BIN="$bin/simnode" CAPD_INPLACE_BIN="$bin/capd-inplace"
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 cleanup() {
   for name in warmup ${WORKERS//,/ }; do
