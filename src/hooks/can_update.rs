@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use super::settings::{CONTROL_PLANE_MAX_MINOR_SKEW, DISABLE_IN_PLACE_UPDATES, Settings};
 use super::types::{
     CanUpdateMachineRequest, CanUpdateMachineResponse, CanUpdateMachineSetRequest,
-    CanUpdateMachineSetResponse, Patch, ResponseStatus, object,
+    CanUpdateMachineSetResponse, Outline, Patch, Reads, ResponseStatus, object,
 };
 use crate::version::{self, KubeVersion};
 
@@ -176,6 +176,49 @@ static MACHINE_SET: Shape = Shape {
     ],
     bootstrap_kind: "KubeadmConfigTemplate",
     max_minors: None,
+};
+
+/// An object's outline: what every check reads (`kind`, the group of `apiVersion`, and
+/// `metadata` for logs), and `spec` along the given outline.
+macro_rules! object_outline {
+    ($spec:expr) => {
+        Outline::Fields(&[
+            ("apiVersion", Outline::Whole),
+            ("kind", Outline::Whole),
+            (
+                "metadata",
+                Outline::Fields(&[("name", Outline::Whole), ("namespace", Outline::Whole)]),
+            ),
+            ("spec", $spec),
+        ])
+    };
+}
+
+/// What [`decide`] reads of a spec both sides share byte for byte: nothing can differ between the
+/// two, so only what is checked on each side alone, that the spec exists and whether a DevMachine's
+/// `backend.docker` ([`DEV_DOCKER_IMAGE`]) is an object.
+const UNCHANGED_SPEC: Outline = Outline::Fields(&[(
+    "backend",
+    Outline::Fields(&[("docker", Outline::Fields(&[]))]),
+)]);
+
+/// What [`decide`] reads of the objects of a CanUpdateMachine request, in step with
+/// [`MACHINE`]`.spec_path`: a changed object's whole spec, and the outline of an unchanged one.
+pub(super) static MACHINE_READS: Reads = Reads {
+    changed: object_outline!(Outline::Whole),
+    unchanged: object_outline!(UNCHANGED_SPEC),
+};
+
+/// As [`MACHINE_READS`], for a CanUpdateMachineSet request (`spec.template.spec`).
+pub(super) static MACHINE_SET_READS: Reads = Reads {
+    changed: object_outline!(Outline::Fields(&[(
+        "template",
+        Outline::Fields(&[("spec", Outline::Whole)])
+    )])),
+    unchanged: object_outline!(Outline::Fields(&[(
+        "template",
+        Outline::Fields(&[("spec", UNCHANGED_SPEC)])
+    )])),
 };
 
 /// One side (current or desired) of a request.
@@ -704,7 +747,11 @@ fn json_pointer(path: &[&str]) -> String {
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::hooks::types::{
+        CanUpdateMachineRequestObjects, CanUpdateMachineSetRequestObjects, Object,
+    };
     use serde_json::json;
+    use std::sync::Arc;
 
     fn docker_machine(image: Option<&str>) -> Value {
         let mut spec = json!({"providerID": "docker:////c1-cp-7xk2p"});
@@ -1069,6 +1116,23 @@ mod test {
         for case in &cases {
             let decision = run(case);
             assert_eq!(decision.message, case.message, "case {:?}", case.name);
+            let wire = |side: &(Value, Value, Option<Value>)| json!({"machine": side.0, "infrastructureMachine": side.1, "bootstrapConfig": side.2});
+            let settings: serde_json::Map<String, Value> = case
+                .settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect();
+            let body = json!({
+                "settings": settings,
+                "current": wire(&case.current),
+                "desired": wire(&case.desired),
+            });
+            assert_eq!(
+                machine_answer(&body),
+                decision.message,
+                "case {:?}",
+                case.name
+            );
             assert_eq!(
                 decision.patches.is_some(),
                 case.accepted,
@@ -1104,6 +1168,236 @@ mod test {
             // Deterministic: the same input gives the same answer.
             assert_eq!(run(case), decision, "case {:?}", case.name);
         }
+    }
+
+    /// A request's objects as they are without outlines.
+    fn whole(body: &Value, side: &str, key: &str) -> Option<Object> {
+        body[side]
+            .get(key)
+            .filter(|value| !value.is_null())
+            .map(|value| Arc::new(value.clone()))
+    }
+
+    /// The message of the CanUpdateMachine answer to `body` as served (objects decoded along their
+    /// outlines), after checking that the objects decoded whole get the very same answer.
+    fn machine_answer(body: &Value) -> String {
+        let served: CanUpdateMachineRequest = serde_json::from_str(&body.to_string()).unwrap();
+        let objects = |side| CanUpdateMachineRequestObjects {
+            machine: whole(body, side, "machine"),
+            infrastructure_machine: whole(body, side, "infrastructureMachine"),
+            bootstrap_config: whole(body, side, "bootstrapConfig"),
+        };
+        let whole = CanUpdateMachineRequest {
+            settings: served.settings.clone(),
+            current: objects("current"),
+            desired: objects("desired"),
+            ..Default::default()
+        };
+        let answer = can_update_machine(&served);
+        assert_eq!(answer, can_update_machine(&whole), "{body}");
+        answer.0.message
+    }
+
+    /// As [`machine_answer`], for CanUpdateMachineSet.
+    fn machine_set_answer(body: &Value) -> String {
+        let served: CanUpdateMachineSetRequest = serde_json::from_str(&body.to_string()).unwrap();
+        let objects = |side| CanUpdateMachineSetRequestObjects {
+            machine_set: whole(body, side, "machineSet"),
+            infrastructure_machine_template: whole(body, side, "infrastructureMachineTemplate"),
+            bootstrap_config_template: whole(body, side, "bootstrapConfigTemplate"),
+        };
+        let whole = CanUpdateMachineSetRequest {
+            settings: served.settings.clone(),
+            current: objects("current"),
+            desired: objects("desired"),
+            ..Default::default()
+        };
+        let answer = can_update_machine_set(&served);
+        assert_eq!(answer, can_update_machine_set(&whole), "{body}");
+        answer.0.message
+    }
+
+    /// A request whose pair `key` is `same` on both sides: one value, so the same bytes.
+    fn with_same(mut body: Value, key: &str, same: Value) -> Value {
+        body["current"][key] = same.clone();
+        body["desired"][key] = same;
+        body
+    }
+
+    #[test]
+    fn unchanged_pairs_decide_as_whole_objects() {
+        let upgrade = json!({
+            "current": {
+                "machine": machine("v1.33.6"),
+                "infrastructureMachine": docker_machine(Some("kindest/node:v1.33.6")),
+                "bootstrapConfig": kubeadm_config(None),
+            },
+            "desired": {
+                "machine": machine("v1.34.2"),
+                "infrastructureMachine": docker_machine(Some("kindest/node:v1.34.2")),
+                "bootstrapConfig": kubeadm_config(None),
+            },
+        });
+        let infra = |kind: &str, spec: Option<Value>| {
+            let mut object = json!({
+                "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta2",
+                "kind": kind,
+                "metadata": {"name": "m", "namespace": "default"},
+            });
+            if let Some(spec) = spec {
+                object["spec"] = spec;
+            }
+            object
+        };
+        let in_place = "in-place update: Kubernetes v1.33.6 to v1.34.2";
+        let cases = [
+            (
+                "infrastructureMachine",
+                infra("DockerMachine", None),
+                "DockerMachine has no spec",
+            ),
+            (
+                "infrastructureMachine",
+                infra("DockerMachine", Some(json!("text"))),
+                in_place,
+            ),
+            (
+                "infrastructureMachine",
+                infra("DockerMachine", Some(json!(null))),
+                in_place,
+            ),
+            (
+                "infrastructureMachine",
+                infra("DevMachine", Some(json!({"backend": {"inMemory": {}}}))),
+                "DevMachine backend is not docker",
+            ),
+            (
+                "infrastructureMachine",
+                infra("DevMachine", Some(json!({"backend": {"docker": true}}))),
+                "DevMachine backend is not docker",
+            ),
+            (
+                "infrastructureMachine",
+                infra("DevMachine", Some(json!({"backend": "docker"}))),
+                "DevMachine backend is not docker",
+            ),
+            (
+                "infrastructureMachine",
+                infra(
+                    "DevMachine",
+                    Some(json!({"backend": {"docker": {"customImage": "kindest/node:v1.33.6"}}})),
+                ),
+                in_place,
+            ),
+            (
+                "infrastructureMachine",
+                infra("AWSMachine", Some(json!({}))),
+                "infrastructure kind AWSMachine is not supported",
+            ),
+            (
+                "infrastructureMachine",
+                json!({"apiVersion": "example.com/v1", "kind": "DockerMachine", "spec": {}}),
+                "infrastructure kind DockerMachine is not supported",
+            ),
+            (
+                "infrastructureMachine",
+                json!(5),
+                "infrastructure kind (invalid) is not supported",
+            ),
+            (
+                "bootstrapConfig",
+                json!({"apiVersion": "bootstrap.cluster.x-k8s.io/v1beta2", "kind": "Other", "spec": {}}),
+                "bootstrap kind Other is not supported",
+            ),
+            (
+                "bootstrapConfig",
+                json!({"apiVersion": "example.com/v1", "kind": "KubeadmConfig", "spec": {}}),
+                "bootstrap kind KubeadmConfig is not supported",
+            ),
+            (
+                "bootstrapConfig",
+                json!({"apiVersion": "bootstrap.cluster.x-k8s.io/v1beta2", "kind": "KubeadmConfig"}),
+                "KubeadmConfig has no spec",
+            ),
+            (
+                "bootstrapConfig",
+                json!(["KubeadmConfig"]),
+                "bootstrap kind (invalid) is not supported",
+            ),
+            (
+                "machine",
+                json!({"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine"}),
+                "Machine has no spec",
+            ),
+            (
+                "machine",
+                machine("v1.33.6"),
+                "DockerMachine spec.customImage changed without a Kubernetes version change",
+            ),
+        ];
+        for (key, same, message) in cases {
+            let body = with_same(upgrade.clone(), key, same);
+            assert_eq!(machine_answer(&body), message, "{body}");
+        }
+
+        let template = |kind: &str, template: Value| {
+            json!({
+                "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta2",
+                "kind": kind,
+                "spec": {"template": template},
+            })
+        };
+        let machine_set = |version: &str| {
+            json!({
+                "apiVersion": "cluster.x-k8s.io/v1beta2",
+                "kind": "MachineSet",
+                "spec": {"template": {"spec": {"version": version}}},
+            })
+        };
+        let upgrade = json!({
+            "current": {"machineSet": machine_set("v1.33.6")},
+            "desired": {"machineSet": machine_set("v1.34.2")},
+        });
+        let cases = [
+            (
+                template("DevMachineTemplate", json!("text")),
+                "DevMachineTemplate backend is not docker",
+            ),
+            (
+                template(
+                    "DevMachineTemplate",
+                    json!({"spec": {"backend": {"inMemory": {}}}}),
+                ),
+                "DevMachineTemplate backend is not docker",
+            ),
+            (
+                template(
+                    "DevMachineTemplate",
+                    json!({"spec": {"backend": {"docker": {}}}}),
+                ),
+                in_place,
+            ),
+            (
+                template("DockerMachineTemplate", json!({})),
+                "DockerMachineTemplate has no spec.template.spec",
+            ),
+            (
+                template(
+                    "DockerMachineTemplate",
+                    json!({"spec": {"customImage": "x"}}),
+                ),
+                in_place,
+            ),
+        ];
+        for (same, message) in cases {
+            let body = with_same(upgrade.clone(), "infrastructureMachineTemplate", same);
+            assert_eq!(machine_set_answer(&body), message, "{body}");
+        }
+        let body = with_same(upgrade, "machineSet", machine_set("v1.33.6"));
+        assert_eq!(
+            machine_set_answer(&body),
+            "request has no infrastructure object"
+        );
     }
 
     #[test]

@@ -7,16 +7,23 @@
 //! policy needs. Responses always carry `apiVersion` and `kind: <Hook>Response`, and
 //! `UpdateMachineResponse` always carries `retryAfterSeconds`, as upstream's `+required` tag says.
 //!
-//! Decoding the objects is most of what a hook call costs, so none is decoded twice or for nothing:
-//! a current and a desired object that arrive as the same bytes are decoded once and shared (see
-//! [`Object`]), and UpdateMachine keeps only the Machine.
+//! Decoding the objects is most of what a hook call costs, so none is decoded twice or further than
+//! it is read. Every object is checked to be JSON as the request is read; a CanUpdate object is then
+//! decoded only along the [`Outline`] of what the decision reads of it, and a current and a desired
+//! object that arrive as the same bytes are decoded once, to a smaller outline, and shared (see
+//! [`Object`]). UpdateMachine keeps only the Machine.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 
+use serde::de::value::SeqAccessDeserializer;
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::can_update::{MACHINE_READS, MACHINE_SET_READS};
 
 /// The group/version of every hook request and response.
 pub const API_VERSION: &str = "hooks.runtime.cluster.x-k8s.io/v1alpha1";
@@ -176,26 +183,210 @@ pub struct DiscoveryRequest {
 }
 request_type_meta!(DiscoveryRequest, Hook::Discovery);
 
-/// An object of a CanUpdate request. KubeadmControlPlane trims the current and the desired objects
-/// the same way and Go encodes equal objects as equal bytes, so on a plain upgrade the
-/// KubeadmConfig (the bulk of the request, with its files) arrives twice, byte for byte; such a
-/// pair is decoded once and both sides hold the same value.
+/// An object of a CanUpdate request, decoded only as far as the decision reads it (see [`Reads`]):
+/// what is left out is JSON (checked as the request was read) that no answer depends on.
+///
+/// KubeadmControlPlane trims the current and the desired objects the same way and Go encodes equal
+/// objects as equal bytes, so on a plain upgrade the KubeadmConfig (the bulk of the request, with its
+/// files) arrives twice, byte for byte. Such a pair is decoded once, to the `unchanged` outline, and
+/// both sides hold the same value: the two sides cannot differ anywhere, so the decision only checks
+/// what it checks of each side alone.
 pub type Object = Arc<Value>;
 
-/// Decodes one current/desired pair, once when both sides are the same bytes.
+/// The parts of a JSON value to decode.
+#[derive(Debug)]
+pub enum Outline {
+    /// The whole value.
+    Whole,
+    /// Of an object, only these fields, each along its own outline; every other field is skipped.
+    /// A value that is not an object is decoded whole.
+    Fields(&'static [(&'static str, Outline)]),
+}
+
+impl Outline {
+    /// Decodes JSON text along this outline.
+    pub fn decode(&'static self, json: &str) -> Result<Value, serde_json::Error> {
+        let mut deserializer = serde_json::Deserializer::from_str(json);
+        let value = self.deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(value)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for &'static Outline {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        match self {
+            Outline::Whole => Value::deserialize(deserializer),
+            Outline::Fields(fields) => deserializer.deserialize_any(FieldsVisitor(fields)),
+        }
+    }
+}
+
+/// Builds a [`Value`] like serde_json's own, except that an object keeps only the listed fields.
+struct FieldsVisitor(&'static [(&'static str, Outline)]);
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(field) = map.next_key_seed(FieldName(self.0))? {
+            match field {
+                // A repeated field keeps its last value, as serde_json's own `Value` does.
+                Some((name, outline)) => {
+                    let value = map.next_value_seed(outline)?;
+                    kept.insert((*name).to_owned(), value);
+                }
+                None => {
+                    map.next_value::<Skipped>()?;
+                }
+            }
+        }
+        Ok(Value::Object(kept))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        Value::deserialize(SeqAccessDeserializer::new(seq))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Value, E> {
+        Ok(Value::from(text))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<Value, E> {
+        Ok(Value::String(text))
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+}
+
+/// A value read through and dropped, parsed as strictly as decoding it would be (numbers in range,
+/// complete escapes), so a request that decoding whole would refuse is refused all the same, with the
+/// same message.
+struct Skipped;
+
+impl<'de> Deserialize<'de> for Skipped {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Not `deserialize_ignored_any`: serde_json skips that without checking numbers and escapes.
+        deserializer.deserialize_any(Skipped)
+    }
+}
+
+impl<'de> Visitor<'de> for Skipped {
+    type Value = Skipped;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skipped, A::Error> {
+        while map.next_entry::<Skipped, Skipped>()?.is_some() {}
+        Ok(Skipped)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skipped, A::Error> {
+        while seq.next_element::<Skipped>()?.is_some() {}
+        Ok(Skipped)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+
+    fn visit_unit<E>(self) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+}
+
+/// Reads an object key and finds it among the fields of an outline, without copying it.
+struct FieldName(&'static [(&'static str, Outline)]);
+
+impl<'de> DeserializeSeed<'de> for FieldName {
+    type Value = Option<&'static (&'static str, Outline)>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldName {
+    type Value = Option<&'static (&'static str, Outline)>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().find(|(name, _)| *name == key))
+    }
+}
+
+/// What the decision reads of the objects of one current/desired pair.
+#[derive(Debug)]
+pub struct Reads {
+    /// When the two sides differ.
+    pub changed: Outline,
+    /// When both sides are the same bytes.
+    pub unchanged: Outline,
+}
+
+/// Decodes one current/desired pair along `reads`, once when both sides are the same bytes.
 fn decode_pair(
     current: Option<Box<RawValue>>,
     desired: Option<Box<RawValue>>,
+    reads: &'static Reads,
 ) -> Result<(Option<Object>, Option<Object>), serde_json::Error> {
-    let decode = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).map(Arc::new);
-    let current_value = current.as_deref().map(decode).transpose()?;
-    let desired_value = match (&current, &desired, &current_value) {
-        (Some(current), Some(desired), Some(shared)) if current.get() == desired.get() => {
-            Some(Arc::clone(shared))
-        }
-        _ => desired.as_deref().map(decode).transpose()?,
-    };
-    Ok((current_value, desired_value))
+    if let (Some(current), Some(desired)) = (&current, &desired)
+        && current.get() == desired.get()
+    {
+        let shared = Arc::new(reads.unchanged.decode(current.get())?);
+        return Ok((Some(Arc::clone(&shared)), Some(shared)));
+    }
+    let decode = |raw: &RawValue| reads.changed.decode(raw.get()).map(Arc::new);
+    Ok((
+        current.as_deref().map(decode).transpose()?,
+        desired.as_deref().map(decode).transpose()?,
+    ))
 }
 
 /// A CanUpdate request as it arrives, its objects (`O`, one side's) still JSON text.
@@ -256,12 +447,14 @@ impl TryFrom<RawCanUpdateRequest<RawMachineObjects>> for CanUpdateMachineRequest
 
     fn try_from(raw: RawCanUpdateRequest<RawMachineObjects>) -> Result<Self, Self::Error> {
         let (current, desired) = (raw.current, raw.desired);
-        let machine = decode_pair(current.machine, desired.machine)?;
+        let reads = &MACHINE_READS;
+        let machine = decode_pair(current.machine, desired.machine, reads)?;
         let infrastructure = decode_pair(
             current.infrastructure_machine,
             desired.infrastructure_machine,
+            reads,
         )?;
-        let bootstrap = decode_pair(current.bootstrap_config, desired.bootstrap_config)?;
+        let bootstrap = decode_pair(current.bootstrap_config, desired.bootstrap_config, reads)?;
         Ok(CanUpdateMachineRequest {
             api_version: raw.api_version,
             kind: raw.kind,
@@ -318,14 +511,17 @@ impl TryFrom<RawCanUpdateRequest<RawMachineSetObjects>> for CanUpdateMachineSetR
 
     fn try_from(raw: RawCanUpdateRequest<RawMachineSetObjects>) -> Result<Self, Self::Error> {
         let (current, desired) = (raw.current, raw.desired);
-        let machine_set = decode_pair(current.machine_set, desired.machine_set)?;
+        let reads = &MACHINE_SET_READS;
+        let machine_set = decode_pair(current.machine_set, desired.machine_set, reads)?;
         let infrastructure = decode_pair(
             current.infrastructure_machine_template,
             desired.infrastructure_machine_template,
+            reads,
         )?;
         let bootstrap = decode_pair(
             current.bootstrap_config_template,
             desired.bootstrap_config_template,
+            reads,
         )?;
         Ok(CanUpdateMachineSetRequest {
             api_version: raw.api_version,
@@ -558,7 +754,12 @@ mod test {
             current.bootstrap_config.as_ref().unwrap(),
             desired.bootstrap_config.as_ref().unwrap()
         ));
-        assert_eq!(current.bootstrap_config.as_deref(), Some(&bootstrap));
+        // Of an unchanged object, only the outline of its spec.
+        assert_eq!(
+            current.bootstrap_config.as_deref(),
+            Some(&json!({"kind": "KubeadmConfig", "spec": {}}))
+        );
+        // Of a changed one, the whole spec.
         assert_eq!(
             desired.machine.as_deref(),
             Some(&json!({"spec": {"version": "v1.34.2"}}))
@@ -576,6 +777,59 @@ mod test {
             error.contains("CanUpdateMachineSetRequestObjects"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn outlines_keep_only_their_fields() {
+        static OUTLINE: Outline = Outline::Fields(&[
+            ("kind", Outline::Whole),
+            ("spec", Outline::Fields(&[("nested", Outline::Fields(&[]))])),
+        ]);
+        let decode = |json: &str| OUTLINE.decode(json).unwrap();
+        assert_eq!(
+            decode(
+                r#"{"kind": "K", "other": {"x": [1, 2e3]}, "spec": {"nested": {"big": [1]}, "skipped": 1}}"#
+            ),
+            json!({"kind": "K", "spec": {"nested": {}}})
+        );
+        // Anything that is not an object is kept whole, wherever it is.
+        for json in [
+            r#"[1, {"a": -2}, 1.5]"#,
+            "null",
+            "true",
+            "-7",
+            "18446744073709551615",
+            r#""text""#,
+        ] {
+            assert_eq!(
+                decode(json),
+                serde_json::from_str::<Value>(json).unwrap(),
+                "{json}"
+            );
+        }
+        assert_eq!(
+            decode(r#"{"spec": {"nested": "text"}, "kind": 5}"#),
+            json!({"spec": {"nested": "text"}, "kind": 5})
+        );
+        // Keys are compared unescaped, and a repeated key keeps its last value, as serde_json does.
+        assert_eq!(
+            decode(r#"{"k\u0069nd": "first", "kind": "last"}"#),
+            json!({"kind": "last"})
+        );
+        assert!(OUTLINE.decode("{} {}").is_err());
+        // What is skipped is parsed as strictly as decoding it whole: refused alike, with the same
+        // message.
+        for json in [
+            r#"{"other": [1, 1e400]}"#,
+            r#"{"other": "\ud800"}"#,
+            r#"{"spec": {"skipped": {"\ud800": 1}}}"#,
+        ] {
+            assert_eq!(
+                OUTLINE.decode(json).unwrap_err().to_string(),
+                serde_json::from_str::<Value>(json).unwrap_err().to_string(),
+                "{json}"
+            );
+        }
     }
 
     #[test]
