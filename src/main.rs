@@ -21,12 +21,6 @@ use capd_inplace::telemetry::{self, EventSink, LogFormat};
 use capd_inplace::upgrade::{Engine, Options, Source, Timeouts, cluster};
 use capd_inplace::version::KubeVersion;
 
-// Every hook call decodes and drops tens of kilobytes of JSON in many small allocations on
-// whichever worker thread runs it; mimalloc's per-thread free lists cost markedly less CPU per
-// call than glibc malloc's arenas under concurrent load.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "capd-inplace",
