@@ -26,10 +26,24 @@ pub(super) struct Staging<'a> {
     /// The digests of what was staged, as hashed in the batch that took the node's lease; the
     /// first check answers from it instead of hashing again.
     hashed_under_lease: Option<ExecOutput>,
-    /// The digests of the uploaded files, each hashed in the node as soon as it landed; the
-    /// verification reads them instead of hashing again.
-    hashed_after_upload: Option<String>,
+    /// What the node said about each uploaded file as soon as it landed (its digest, and the
+    /// version the staged kubeadm and kubelet report): the verification reads it instead of
+    /// asking again.
+    checked_after_upload: Option<StagedAnswers>,
 }
+
+/// What the verification of a stage reads: the [`HASH_FILES`] lines of the staged binaries, and
+/// the answers of the staged kubeadm and kubelet to [`version_command`].
+#[derive(Default)]
+struct StagedAnswers {
+    hashes: Vec<u8>,
+    versions: Vec<(Binary, ExecOutput)>,
+}
+
+/// The staged binaries asked their version before anything is installed: a file with the right
+/// digest is the right file, but asking proves the program runs in this node. kubectl is left
+/// out: the install asks it anyway, and nothing runs it before then.
+const VERSION_CHECKED: [Binary; 2] = [Binary::Kubeadm, Binary::Kubelet];
 
 impl<'a> Staging<'a> {
     pub(super) fn new(
@@ -49,7 +63,7 @@ impl<'a> Staging<'a> {
             digests: Vec::new(),
             cached: None,
             hashed_under_lease: None,
-            hashed_after_upload: None,
+            checked_after_upload: None,
         }
     }
 
@@ -140,21 +154,22 @@ impl<'a> Staging<'a> {
     /// files unless the upload already did.
     pub(super) async fn verify(&mut self) -> Result<()> {
         let v = self.version;
-        let mut batch = Batch::new(self.timeouts.command);
-        let hashed_after_upload = self.hashed_after_upload.take();
-        if hashed_after_upload.is_none() {
-            batch.push(&Self::hash_command(&self.paths));
-        }
-        let asked = [Binary::Kubeadm, Binary::Kubelet];
-        for binary in asked {
-            batch.push(&version_command(binary, &self.paths.staged(binary.name())));
-        }
-        let mut answers = batch.run(&self.node).await?.into_iter();
-        let hashes = match hashed_after_upload {
-            Some(printed) => printed.into_bytes(),
-            None => next_answer(&mut answers).stdout,
+        let answers = match self.checked_after_upload.take() {
+            Some(answers) => answers,
+            None => {
+                let mut batch = Batch::new(self.timeouts.command);
+                batch.push(&Self::hash_command(&self.paths));
+                for binary in VERSION_CHECKED {
+                    batch.push(&version_command(binary, &self.paths.staged(binary.name())));
+                }
+                let mut answers = batch.run(&self.node).await?.into_iter();
+                StagedAnswers {
+                    hashes: next_answer(&mut answers).stdout,
+                    versions: VERSION_CHECKED.into_iter().zip(answers).collect(),
+                }
+            }
         };
-        if !self.digests_match(&hashes) {
+        if !self.digests_match(&answers.hashes) {
             // Uploaded bytes that hash wrong in the node may come from a cached blob damaged
             // where its file status cannot show it: the next attempt hashes the blobs again.
             if let Source::Upload(cache) = self.source {
@@ -166,8 +181,16 @@ impl<'a> Staging<'a> {
                 "a staged binary does not match its published sha256".into(),
             ));
         }
-        for binary in asked {
-            let reported = parse_version(binary, next_answer(&mut answers), self.node.name())?;
+        for binary in VERSION_CHECKED {
+            let answer = answers
+                .versions
+                .iter()
+                .find(|(asked, _)| *asked == binary)
+                .map(|(_, answer)| answer.clone())
+                .ok_or_else(|| {
+                    Error::Verify(format!("the staged {} was not asked", binary.name()))
+                })?;
+            let reported = parse_version(binary, answer, self.node.name())?;
             if reported != v {
                 return Err(Error::Verify(format!(
                     "the staged {} reports {reported}, not {v}",
@@ -193,7 +216,7 @@ impl<'a> Staging<'a> {
                             .await?
                     }
                 };
-                // One archive a binary, all at once, each hashed in the node as soon as it
+                // One archive a binary, all at once, each checked in the node as soon as it
                 // landed: the hashing of one overlaps the transfer of the others, where a single
                 // archive would leave the node's CPU idle during the transfer and the transfer
                 // idle during the hashing.
@@ -208,18 +231,25 @@ impl<'a> Staging<'a> {
                     let bin_dir = bin_dir.as_str();
                     async move {
                         node.upload(bin_dir, vec![file]).await?;
-                        let hash = hash_command([paths.staged(binary.name())]).timeout(quick);
-                        Ok::<_, Error>(node.exec(hash).await?.stdout)
+                        let staged = paths.staged(binary.name());
+                        let mut batch = Batch::new(quick);
+                        batch.push(&hash_command([staged.as_str()]));
+                        if VERSION_CHECKED.contains(&binary) {
+                            batch.push(&version_command(binary, &staged));
+                        }
+                        Ok::<_, Error>((binary, batch.run(node).await?))
                     }
                 });
-                let printed = futures::future::try_join_all(uploads).await?;
-                self.hashed_after_upload = Some(
-                    printed
-                        .iter()
-                        .map(|p| String::from_utf8_lossy(p))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                );
+                let mut checked = StagedAnswers::default();
+                for (binary, answers) in futures::future::try_join_all(uploads).await? {
+                    let mut answers = answers.into_iter();
+                    checked.hashes.extend(next_answer(&mut answers).stdout);
+                    checked.hashes.push(b'\n');
+                    checked
+                        .versions
+                        .extend(answers.map(|answer| (binary, answer)));
+                }
+                self.checked_after_upload = Some(checked);
             }
             Source::FetchInNode { base_url } => {
                 exec_ok(
