@@ -56,6 +56,7 @@ export CAPD_SIMNODE_BIN="$bin/simnode"
 work="$(mktemp -d /var/tmp/capd-inplace-bench-hooks.XXXXXX)"
 ext_pid=""
 ceiling_pid=""
+validating_pid=""
 cluster_up=0
 cleanup() {
   local status=$?
@@ -63,6 +64,7 @@ cleanup() {
   set +e
   trap - EXIT INT TERM
   [ -n "$ceiling_pid" ] && kill "$ceiling_pid" 2>/dev/null && wait "$ceiling_pid" 2>/dev/null
+  [ -n "$validating_pid" ] && kill "$validating_pid" 2>/dev/null && wait "$validating_pid" 2>/dev/null
   [ -n "$ext_pid" ] && kill "$ext_pid" 2>/dev/null && wait "$ext_pid" 2>/dev/null
   if [ "$cluster_up" = 1 ]; then
     "$bin/simcluster" down "$CLUSTER" >/dev/null 2>&1 || log "could not remove cluster $CLUSTER"
@@ -240,6 +242,33 @@ echo "Command: \`$command\` ($(nproc) cores, load average $load at the start; oh
 echo "a $(wc -c <"$work/can-update.json") byte request, the criterion bench's; every answer checked in place on /metrics)."
 echo
 table "$can_update_url" "${can_update_url/#$ext/$ceiling}" "$work/can-update.json" count_decisions check_decisions
+echo
+
+# The least any extension must do with this request is read it as JSON. A ceiling that only
+# checks that (bench-ceiling --validate-json), against the plain ceiling, at concurrency 16.
+validating_port="$(free_port)"
+validating="https://127.0.0.1:$validating_port"
+"$bin/bench-ceiling" "127.0.0.1:$validating_port" "$certs" "$work/can-update.answer.json" \
+  --validate-json 2>>"$work/ceiling.log" &
+validating_pid=$!
+for _ in $(seq 100); do
+  curl -fs --cacert "$certs/ca.crt" -o /dev/null "$validating/" -d '{}' && break
+  sleep 0.1
+done
+log "  concurrency 16: validating ceiling, then ceiling"
+"$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$work/can-update.json" -c 16 -z 1s -w "$validating/" >/dev/null
+line="$(load "$validating/" "$work/can-update.json" 16 "$DURATION")"
+read -r -a v <<<"$line"
+line="$(load "$ceiling/" "$work/can-update.json" 16 "$DURATION")"
+read -r -a c <<<"$line"
+awk -v v="${v[0]}" -v c="${c[0]}" 'BEGIN {
+  printf "A ceiling that also checks each request is JSON (`bench-ceiling --validate-json`, serde_json skipping every value) "
+  printf "serves %.0f rps at concurrency 16, %.0f%% of the plain ceiling'"'"'s %.0f rps measured right after it: ", v, 100 * v / c, c
+  printf "the most any extension that reads this request could reach on this machine.\n"
+}'
+kill "$validating_pid" 2>/dev/null || true
+wait "$validating_pid" 2>/dev/null || true
+validating_pid=""
 echo
 stop_ceiling
 

@@ -6,7 +6,11 @@
 //! answers. Whatever the extension serves below this server's rate is the cost of our handlers,
 //! layers and state.
 //!
-//! `bench-ceiling ADDRESS CERT_DIR RESPONSE_FILE`, e.g.
+//! With `--validate-json` it also checks that each body is JSON (serde_json skipping every value,
+//! a little cheaper than the extension's strict reading) before the same fixed answer: less than
+//! any extension must do with a request, and so above the ceiling of one that reads it at all.
+//!
+//! `bench-ceiling ADDRESS CERT_DIR RESPONSE_FILE [--validate-json]`, e.g.
 //! `bench-ceiling 127.0.0.1:9444 certs answer.json` (`CERT_DIR` holds `tls.crt` and `tls.key`).
 
 use std::net::SocketAddr;
@@ -21,6 +25,7 @@ use axum_server::tls_rustls::RustlsConfig;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::IgnoredAny;
 
 fn tls(cert_dir: &Path) -> anyhow::Result<ServerConfig> {
     let cert = cert_dir.join("tls.crt");
@@ -43,14 +48,26 @@ fn tls(cert_dir: &Path) -> anyhow::Result<ServerConfig> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [address, cert_dir, response] = args.as_slice() else {
-        bail!("usage: bench-ceiling ADDRESS CERT_DIR RESPONSE_FILE");
+    let (validate_json, args) = match args.as_slice() {
+        [rest @ .., flag] if flag == "--validate-json" => (true, rest),
+        all => (false, all),
+    };
+    let [address, cert_dir, response] = args else {
+        bail!("usage: bench-ceiling ADDRESS CERT_DIR RESPONSE_FILE [--validate-json]");
     };
     let address: SocketAddr = address.parse().context("ADDRESS must be IP:PORT")?;
     let answer = Bytes::from(std::fs::read(response).with_context(|| format!("read {response}"))?);
-    let app = Router::new().fallback(move |_body: Bytes| {
+    let app = Router::new().fallback(move |body: Bytes| {
         let answer = answer.clone();
-        async move { ([(CONTENT_TYPE, "application/json")], answer) }
+        async move {
+            if validate_json && serde_json::from_slice::<IgnoredAny>(&body).is_err() {
+                return (
+                    [(CONTENT_TYPE, "application/json")],
+                    Bytes::from_static(b"{}"),
+                );
+            }
+            ([(CONTENT_TYPE, "application/json")], answer)
+        }
     });
     let config = RustlsConfig::from_config(Arc::new(tls(Path::new(cert_dir))?));
     eprintln!("bench-ceiling: serving a fixed answer on https://{address}");
