@@ -216,32 +216,45 @@ impl<'a> Staging<'a> {
                             .await?
                     }
                 };
-                // One archive a binary, all at once, each checked in the node as soon as it
-                // landed: the hashing of one overlaps the transfer of the others, where a single
-                // archive would leave the node's CPU idle during the transfer and the transfer
-                // idle during the hashing.
+                // One archive a binary, one after the other as `docker cp` would send them,
+                // each checked in the node while the next one travels: hashing overlaps the
+                // transfer, and a node never has more than one upload in flight, so memory and
+                // the Engine's load do not grow with the number of binaries.
                 let node = &self.node;
                 let paths = &self.paths;
-                let uploads = Binary::ALL.map(|binary| {
+                let check = |binary: Binary| {
+                    let staged = paths.staged(binary.name());
+                    let mut batch = Batch::new(quick);
+                    batch.push(&hash_command([staged.as_str()]));
+                    if VERSION_CHECKED.contains(&binary) {
+                        batch.push(&version_command(binary, &staged));
+                    }
+                    async move { Ok::<_, Error>((binary, batch.run(node).await?)) }
+                };
+                let mut answered = Vec::with_capacity(Binary::ALL.len());
+                let mut checking = None;
+                for binary in Binary::ALL {
                     let file = UploadFile::from_path(
                         binary.name(),
                         cached.get(binary).path.clone(),
                         0o755,
                     );
-                    let bin_dir = bin_dir.as_str();
-                    async move {
-                        node.upload(bin_dir, vec![file]).await?;
-                        let staged = paths.staged(binary.name());
-                        let mut batch = Batch::new(quick);
-                        batch.push(&hash_command([staged.as_str()]));
-                        if VERSION_CHECKED.contains(&binary) {
-                            batch.push(&version_command(binary, &staged));
+                    let upload = node.upload(&bin_dir, vec![file]);
+                    match checking.take() {
+                        Some(previous) => {
+                            let (uploaded, previous) = tokio::join!(upload, previous);
+                            answered.push(previous?);
+                            uploaded?;
                         }
-                        Ok::<_, Error>((binary, batch.run(node).await?))
+                        None => upload.await?,
                     }
-                });
+                    checking = Some(check(binary));
+                }
+                if let Some(last) = checking {
+                    answered.push(last.await?);
+                }
                 let mut checked = StagedAnswers::default();
-                for (binary, answers) in futures::future::try_join_all(uploads).await? {
+                for (binary, answers) in answered {
                     let mut answers = answers.into_iter();
                     checked.hashes.extend(next_answer(&mut answers).stdout);
                     checked.hashes.push(b'\n');
