@@ -26,24 +26,7 @@ pub(super) struct Staging<'a> {
     /// The digests of what was staged, as hashed in the batch that took the node's lease; the
     /// first check answers from it instead of hashing again.
     hashed_under_lease: Option<ExecOutput>,
-    /// What the node said about each uploaded file as soon as it landed (its digest, and the
-    /// version the staged kubeadm and kubelet report): the verification reads it instead of
-    /// asking again.
-    checked_after_upload: Option<StagedAnswers>,
 }
-
-/// What the verification of a stage reads: the [`HASH_FILES`] lines of the staged binaries, and
-/// the answers of the staged kubeadm and kubelet to [`version_command`].
-#[derive(Default)]
-struct StagedAnswers {
-    hashes: Vec<u8>,
-    versions: Vec<(Binary, ExecOutput)>,
-}
-
-/// The staged binaries asked their version before anything is installed: a file with the right
-/// digest is the right file, but asking proves the program runs in this node. kubectl is left
-/// out: the install asks it anyway, and nothing runs it before then.
-const VERSION_CHECKED: [Binary; 2] = [Binary::Kubeadm, Binary::Kubelet];
 
 impl<'a> Staging<'a> {
     pub(super) fn new(
@@ -63,7 +46,6 @@ impl<'a> Staging<'a> {
             digests: Vec::new(),
             cached: None,
             hashed_under_lease: None,
-            checked_after_upload: None,
         }
     }
 
@@ -76,7 +58,7 @@ impl<'a> Staging<'a> {
     pub(super) async fn is_done(&mut self) -> Result<bool> {
         self.expected_digests().await?;
         match self.hashed_under_lease.take() {
-            Some(answer) => Ok(self.digests_match(&answer.stdout)),
+            Some(answer) => Ok(self.digests_match(&answer)),
             None => self.staged_digests_match().await,
         }
     }
@@ -129,10 +111,10 @@ impl<'a> Staging<'a> {
         hash_command(Binary::ALL.map(|binary| paths.staged(binary.name())))
     }
 
-    /// Whether the expected digest was printed (by [`HASH_FILES`]) for every staged binary. A
-    /// missing file prints no line, so it does not match.
-    fn digests_match(&self, printed: &[u8]) -> bool {
-        let stdout = String::from_utf8_lossy(printed);
+    /// Whether the expected digest was printed for every staged binary. A missing file prints
+    /// no line, so it does not match.
+    fn digests_match(&self, output: &ExecOutput) -> bool {
+        let stdout = String::from_utf8_lossy(&output.stdout);
         self.digests.iter().all(|(binary, digest)| {
             let path = self.paths.staged(binary.name());
             stdout
@@ -146,30 +128,21 @@ impl<'a> Staging<'a> {
             .node
             .exec(Self::hash_command(&self.paths).timeout(self.timeouts.command))
             .await?;
-        Ok(self.digests_match(&output.stdout))
+        Ok(self.digests_match(&output))
     }
 
     /// The staged bytes must match their published digests, and be the right programs: each
-    /// staged kubeadm and kubelet is asked its version too. One batch, which also hashes the
-    /// files unless the upload already did.
-    pub(super) async fn verify(&mut self) -> Result<()> {
+    /// staged kubeadm and kubelet is asked its version too. One batch.
+    pub(super) async fn verify(&self) -> Result<()> {
         let v = self.version;
-        let answers = match self.checked_after_upload.take() {
-            Some(answers) => answers,
-            None => {
-                let mut batch = Batch::new(self.timeouts.command);
-                batch.push(&Self::hash_command(&self.paths));
-                for binary in VERSION_CHECKED {
-                    batch.push(&version_command(binary, &self.paths.staged(binary.name())));
-                }
-                let mut answers = batch.run(&self.node).await?.into_iter();
-                StagedAnswers {
-                    hashes: next_answer(&mut answers).stdout,
-                    versions: VERSION_CHECKED.into_iter().zip(answers).collect(),
-                }
-            }
-        };
-        if !self.digests_match(&answers.hashes) {
+        let mut batch = Batch::new(self.timeouts.command);
+        batch.push(&Self::hash_command(&self.paths));
+        let asked = [Binary::Kubeadm, Binary::Kubelet];
+        for binary in asked {
+            batch.push(&version_command(binary, &self.paths.staged(binary.name())));
+        }
+        let mut answers = batch.run(&self.node).await?.into_iter();
+        if !self.digests_match(&next_answer(&mut answers)) {
             // Uploaded bytes that hash wrong in the node may come from a cached blob damaged
             // where its file status cannot show it: the next attempt hashes the blobs again.
             if let Source::Upload(cache) = self.source {
@@ -181,16 +154,8 @@ impl<'a> Staging<'a> {
                 "a staged binary does not match its published sha256".into(),
             ));
         }
-        for binary in VERSION_CHECKED {
-            let answer = answers
-                .versions
-                .iter()
-                .find(|(asked, _)| *asked == binary)
-                .map(|(_, answer)| answer.clone())
-                .ok_or_else(|| {
-                    Error::Verify(format!("the staged {} was not asked", binary.name()))
-                })?;
-            let reported = parse_version(binary, answer, self.node.name())?;
+        for binary in asked {
+            let reported = parse_version(binary, next_answer(&mut answers), self.node.name())?;
             if reported != v {
                 return Err(Error::Verify(format!(
                     "the staged {} reports {reported}, not {v}",
@@ -216,53 +181,13 @@ impl<'a> Staging<'a> {
                             .await?
                     }
                 };
-                // One archive a binary, one after the other as `docker cp` would send them,
-                // each checked in the node while the next one travels: hashing overlaps the
-                // transfer, and a node never has more than one upload in flight, so memory and
-                // the Engine's load do not grow with the number of binaries.
-                let node = &self.node;
-                let paths = &self.paths;
-                let check = |binary: Binary| {
-                    let staged = paths.staged(binary.name());
-                    let mut batch = Batch::new(quick);
-                    batch.push(&hash_command([staged.as_str()]));
-                    if VERSION_CHECKED.contains(&binary) {
-                        batch.push(&version_command(binary, &staged));
-                    }
-                    async move { Ok::<_, Error>((binary, batch.run(node).await?)) }
-                };
-                let mut answered = Vec::with_capacity(Binary::ALL.len());
-                let mut checking = None;
-                for binary in Binary::ALL {
-                    let file = UploadFile::from_path(
-                        binary.name(),
-                        cached.get(binary).path.clone(),
-                        0o755,
-                    );
-                    let upload = node.upload(&bin_dir, vec![file]);
-                    match checking.take() {
-                        Some(previous) => {
-                            let (uploaded, previous) = tokio::join!(upload, previous);
-                            answered.push(previous?);
-                            uploaded?;
-                        }
-                        None => upload.await?,
-                    }
-                    checking = Some(check(binary));
-                }
-                if let Some(last) = checking {
-                    answered.push(last.await?);
-                }
-                let mut checked = StagedAnswers::default();
-                for (binary, answers) in answered {
-                    let mut answers = answers.into_iter();
-                    checked.hashes.extend(next_answer(&mut answers).stdout);
-                    checked.hashes.push(b'\n');
-                    checked
-                        .versions
-                        .extend(answers.map(|answer| (binary, answer)));
-                }
-                self.checked_after_upload = Some(checked);
+                let files = Binary::ALL
+                    .into_iter()
+                    .map(|binary| {
+                        UploadFile::from_path(binary.name(), cached.get(binary).path.clone(), 0o755)
+                    })
+                    .collect();
+                self.node.upload(&bin_dir, files).await?;
             }
             Source::FetchInNode { base_url } => {
                 exec_ok(
