@@ -9,7 +9,8 @@
 //! * (d) `docker exec <node> curl` from the mirror in every node in parallel, checking nothing.
 //!
 //! Every variant starts from nodes without `/var/lib/capd-inplace` and with the host's dirty pages
-//! written back, and ends with the three files of the right sizes in every node. Bytes read from
+//! written back, and ends with the three files of the right sizes in every node. (b) to (d) run
+//! three times, interleaved, and report their median: one run of `docker cp` varies by half. Bytes read from
 //! the mirror come from the mirror's own log line per response. After (c), the staged files are
 //! also hashed in every node at once, with sha256sum and with openssl, untimed by (c), to show
 //! what the verification in the stage step costs by itself. Wrapped by
@@ -29,6 +30,8 @@ const USAGE: &str =
     "usage: bench-staging [--nodes 1,5,10] [--from v1.31.4] [--to v1.32.3] [--invoked-as TEXT]";
 /// Where the engine stages a version; the floor and the naive variant write to the same place.
 const STAGE_ROOT: &str = "/var/lib/capd-inplace";
+/// How often each variant but the cold cache runs per node count; the median is reported.
+const ROUNDS: usize = 3;
 
 struct Args {
     nodes: Vec<usize>,
@@ -359,23 +362,31 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut results: Vec<Row> = Vec::new();
     for (cluster, &n) in clusters.iter().zip(&args.nodes) {
-        let mut measured = Vec::new();
+        // A cache is cold once; the other variants run ROUNDS times, interleaved so that a
+        // change in the machine's background load hits each of them, and report their median.
+        let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); Variant::ALL.len()];
         let mut hashing = (Duration::ZERO, Duration::ZERO);
-        for variant in Variant::ALL {
-            progress.say(format!("{n} node(s): {}", variant.label()));
-            let m = bench.run(cluster, variant).await?;
-            progress.say(format!(
-                "{n} node(s): {} took {}s, {} MB from the mirror",
-                variant.label(),
-                secs(m.wall),
-                megabytes(m.mirror_bytes)
-            ));
-            measured.push(m);
-            if variant == Variant::DockerCp {
-                // Outside any timed variant: what verifying the staged bytes costs by itself.
-                hashing = bench.hash_costs(cluster).await?;
+        for round in 0..ROUNDS {
+            for (index, variant) in Variant::ALL.into_iter().enumerate() {
+                if variant == Variant::Cold && round > 0 {
+                    continue;
+                }
+                progress.say(format!("{n} node(s): {}", variant.label()));
+                let m = bench.run(cluster, variant).await?;
+                progress.say(format!(
+                    "{n} node(s): {} took {}s, {} MB from the mirror",
+                    variant.label(),
+                    secs(m.wall),
+                    megabytes(m.mirror_bytes)
+                ));
+                rounds[index].push(m);
+                if variant == Variant::DockerCp && round == 0 {
+                    // Outside any timed variant: what verifying the staged bytes costs by itself.
+                    hashing = bench.hash_costs(cluster).await?;
+                }
             }
         }
+        let measured = rounds.into_iter().map(median).collect();
         clean(cluster).await?;
         results.push(Row {
             nodes: n,
@@ -389,6 +400,19 @@ async fn main() -> anyhow::Result<()> {
 
     print_report(&args, &sizes, total, setup, progress.elapsed(), &results);
     Ok(())
+}
+
+/// The round of median wall time, with the most any round read from the mirror (so a download
+/// in any round shows).
+fn median(mut rounds: Vec<Measured>) -> Measured {
+    rounds.sort_by_key(|m| m.wall);
+    let mirror_bytes = rounds.iter().map(|m| m.mirror_bytes).max().unwrap_or(0);
+    let binary_downloads = rounds.iter().map(|m| m.binary_downloads).max().unwrap_or(0);
+    Measured {
+        mirror_bytes,
+        binary_downloads,
+        ..rounds[rounds.len() / 2]
+    }
 }
 
 /// One node count's results: the variants in [`Variant::ALL`] order, and the in-node hashing
@@ -413,7 +437,8 @@ fn print_report(
     out.push_str(&format!(
         "{} → {}: kubeadm, kubelet and kubectl padded to {} + {} + {} = {total} bytes ({} MB). \
          Each variant starts from nodes without `{STAGE_ROOT}` and after a `sync`; wall time \
-         from start to the last node done. {} cores; clusters created in {} s; whole run {} s.\n\n",
+         from start to the last node done; (a) runs once (a cache is cold once), the others \
+         {ROUNDS} times, interleaved, and the median is shown. {} cores; clusters created in {} s; whole run {} s.\n\n",
         args.from,
         args.to,
         sizes[0],
