@@ -96,6 +96,10 @@ impl Transport {
                 None => attempt.follow(),
             }
         });
+        // reqwest takes rustls' process-wide crypto provider and panics when there is none. A
+        // cache must not depend on its caller for that: ring (the provider the rest of the
+        // project uses) is installed unless the process already chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)

@@ -303,6 +303,47 @@ mod tests {
         assert_eq!(hash_line(""), None);
     }
 
+    /// Runs [`HASH_FILES`] with the host's `sh` on `files`, with `path` as PATH.
+    fn hash_files_on_host(path: &std::ffi::OsStr, files: &[&std::path::Path]) -> String {
+        let output = std::process::Command::new("/bin/sh")
+            .args(["-c", HASH_FILES, "sh"])
+            .args(files)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    #[test]
+    fn hash_files_prints_the_same_digests_with_or_without_openssl() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kubeadm");
+        std::fs::write(&file, b"a staged binary").unwrap();
+        let expected = hex::encode(Sha256::digest(b"a staged binary"));
+        let missing = dir.path().join("missing");
+        // A PATH whose only program is coreutils' sha256sum: the fallback branch.
+        let only_sha256sum = dir.path().join("bin");
+        std::fs::create_dir(&only_sha256sum).unwrap();
+        let sha256sum = ["/usr/bin/sha256sum", "/bin/sha256sum"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("coreutils sha256sum on the host");
+        std::os::unix::fs::symlink(sha256sum, only_sha256sum.join("sha256sum")).unwrap();
+        let host_path = std::env::var_os("PATH").unwrap_or_default();
+        for path in [only_sha256sum.as_os_str(), host_path.as_os_str()] {
+            let printed = hash_files_on_host(path, &[&file, &missing]);
+            let lines: Vec<_> = printed.lines().filter_map(hash_line).collect();
+            // A missing file prints nothing; the existing one its digest and path.
+            assert_eq!(
+                lines,
+                [(expected.as_str(), file.to_str().unwrap())],
+                "{path:?}"
+            );
+        }
+    }
+
     #[test]
     fn published_digests() {
         let hex = "a".repeat(64);
