@@ -409,137 +409,95 @@ struct RawCanUpdateRequest<O> {
     desired: O,
 }
 
-/// `CanUpdateMachineRequest`, sent by KubeadmControlPlane.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(try_from = "RawCanUpdateRequest<RawMachineObjects>")]
-pub struct CanUpdateMachineRequest {
-    pub api_version: String,
-    pub kind: String,
-    pub settings: BTreeMap<String, String>,
-    pub current: CanUpdateMachineRequestObjects,
-    pub desired: CanUpdateMachineRequestObjects,
-}
-request_type_meta!(CanUpdateMachineRequest, Hook::CanUpdateMachine);
+/// A CanUpdate request type: the request as the handlers see it, its objects decoded along
+/// `$reads`, and the raw shape it is decoded through (whose decode errors name the upstream
+/// objects type, not the raw one). The two CanUpdate hooks differ only in names.
+macro_rules! can_update_request {
+    (
+        $(#[$doc:meta])*
+        $request:ident, $hook:expr, $reads:expr,
+        $(#[$objects_doc:meta])*
+        $objects:ident, $raw:ident, { $owner:ident, $infrastructure:ident, $bootstrap:ident $(,)? },
+        // serde's attributes take string literals only, so the names come again as text.
+        try_from = $try_from:literal, expecting = $expecting:literal $(,)?
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(try_from = $try_from)]
+        pub struct $request {
+            pub api_version: String,
+            pub kind: String,
+            pub settings: BTreeMap<String, String>,
+            pub current: $objects,
+            pub desired: $objects,
+        }
+        request_type_meta!($request, $hook);
 
-/// `CanUpdateMachineRequestObjects`; `None` means missing or `null`.
-#[derive(Debug, Clone, Default)]
-pub struct CanUpdateMachineRequestObjects {
-    pub machine: Option<Object>,
-    pub infrastructure_machine: Option<Object>,
-    pub bootstrap_config: Option<Object>,
+        $(#[$objects_doc])*
+        #[derive(Debug, Clone, Default)]
+        pub struct $objects {
+            pub $owner: Option<Object>,
+            pub $infrastructure: Option<Object>,
+            pub $bootstrap: Option<Object>,
+        }
+
+        #[derive(Default, Deserialize)]
+        #[serde(default, expecting = $expecting, rename_all = "camelCase")]
+        struct $raw {
+            $owner: Option<Box<RawValue>>,
+            $infrastructure: Option<Box<RawValue>>,
+            $bootstrap: Option<Box<RawValue>>,
+        }
+
+        impl TryFrom<RawCanUpdateRequest<$raw>> for $request {
+            type Error = serde_json::Error;
+
+            fn try_from(raw: RawCanUpdateRequest<$raw>) -> Result<Self, Self::Error> {
+                let (current, desired) = (raw.current, raw.desired);
+                let reads = $reads;
+                let owner = decode_pair(current.$owner, desired.$owner, reads)?;
+                let infrastructure =
+                    decode_pair(current.$infrastructure, desired.$infrastructure, reads)?;
+                let bootstrap = decode_pair(current.$bootstrap, desired.$bootstrap, reads)?;
+                Ok($request {
+                    api_version: raw.api_version,
+                    kind: raw.kind,
+                    settings: raw.settings,
+                    current: $objects {
+                        $owner: owner.0,
+                        $infrastructure: infrastructure.0,
+                        $bootstrap: bootstrap.0,
+                    },
+                    desired: $objects {
+                        $owner: owner.1,
+                        $infrastructure: infrastructure.1,
+                        $bootstrap: bootstrap.1,
+                    },
+                })
+            }
+        }
+    };
 }
 
-/// Decode errors name the upstream type, not this intermediate one.
-#[derive(Default, Deserialize)]
-#[serde(
-    default,
+can_update_request!(
+    /// `CanUpdateMachineRequest`, sent by KubeadmControlPlane.
+    CanUpdateMachineRequest, Hook::CanUpdateMachine, &MACHINE_READS,
+    /// `CanUpdateMachineRequestObjects`; `None` means missing or `null`.
+    CanUpdateMachineRequestObjects, RawMachineObjects,
+    { machine, infrastructure_machine, bootstrap_config },
+    try_from = "RawCanUpdateRequest<RawMachineObjects>",
     expecting = "struct CanUpdateMachineRequestObjects",
-    rename_all = "camelCase"
-)]
-struct RawMachineObjects {
-    machine: Option<Box<RawValue>>,
-    infrastructure_machine: Option<Box<RawValue>>,
-    bootstrap_config: Option<Box<RawValue>>,
-}
+);
 
-impl TryFrom<RawCanUpdateRequest<RawMachineObjects>> for CanUpdateMachineRequest {
-    type Error = serde_json::Error;
-
-    fn try_from(raw: RawCanUpdateRequest<RawMachineObjects>) -> Result<Self, Self::Error> {
-        let (current, desired) = (raw.current, raw.desired);
-        let reads = &MACHINE_READS;
-        let machine = decode_pair(current.machine, desired.machine, reads)?;
-        let infrastructure = decode_pair(
-            current.infrastructure_machine,
-            desired.infrastructure_machine,
-            reads,
-        )?;
-        let bootstrap = decode_pair(current.bootstrap_config, desired.bootstrap_config, reads)?;
-        Ok(CanUpdateMachineRequest {
-            api_version: raw.api_version,
-            kind: raw.kind,
-            settings: raw.settings,
-            current: CanUpdateMachineRequestObjects {
-                machine: machine.0,
-                infrastructure_machine: infrastructure.0,
-                bootstrap_config: bootstrap.0,
-            },
-            desired: CanUpdateMachineRequestObjects {
-                machine: machine.1,
-                infrastructure_machine: infrastructure.1,
-                bootstrap_config: bootstrap.1,
-            },
-        })
-    }
-}
-
-/// `CanUpdateMachineSetRequest`, sent by the MachineDeployment controller.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(try_from = "RawCanUpdateRequest<RawMachineSetObjects>")]
-pub struct CanUpdateMachineSetRequest {
-    pub api_version: String,
-    pub kind: String,
-    pub settings: BTreeMap<String, String>,
-    pub current: CanUpdateMachineSetRequestObjects,
-    pub desired: CanUpdateMachineSetRequestObjects,
-}
-request_type_meta!(CanUpdateMachineSetRequest, Hook::CanUpdateMachineSet);
-
-/// `CanUpdateMachineSetRequestObjects`; `None` means missing or `null`.
-#[derive(Debug, Clone, Default)]
-pub struct CanUpdateMachineSetRequestObjects {
-    pub machine_set: Option<Object>,
-    pub infrastructure_machine_template: Option<Object>,
-    pub bootstrap_config_template: Option<Object>,
-}
-
-/// Decode errors name the upstream type, not this intermediate one.
-#[derive(Default, Deserialize)]
-#[serde(
-    default,
+can_update_request!(
+    /// `CanUpdateMachineSetRequest`, sent by the MachineDeployment controller.
+    CanUpdateMachineSetRequest, Hook::CanUpdateMachineSet, &MACHINE_SET_READS,
+    /// `CanUpdateMachineSetRequestObjects`; `None` means missing or `null`.
+    CanUpdateMachineSetRequestObjects, RawMachineSetObjects,
+    { machine_set, infrastructure_machine_template, bootstrap_config_template },
+    try_from = "RawCanUpdateRequest<RawMachineSetObjects>",
     expecting = "struct CanUpdateMachineSetRequestObjects",
-    rename_all = "camelCase"
-)]
-struct RawMachineSetObjects {
-    machine_set: Option<Box<RawValue>>,
-    infrastructure_machine_template: Option<Box<RawValue>>,
-    bootstrap_config_template: Option<Box<RawValue>>,
-}
-
-impl TryFrom<RawCanUpdateRequest<RawMachineSetObjects>> for CanUpdateMachineSetRequest {
-    type Error = serde_json::Error;
-
-    fn try_from(raw: RawCanUpdateRequest<RawMachineSetObjects>) -> Result<Self, Self::Error> {
-        let (current, desired) = (raw.current, raw.desired);
-        let reads = &MACHINE_SET_READS;
-        let machine_set = decode_pair(current.machine_set, desired.machine_set, reads)?;
-        let infrastructure = decode_pair(
-            current.infrastructure_machine_template,
-            desired.infrastructure_machine_template,
-            reads,
-        )?;
-        let bootstrap = decode_pair(
-            current.bootstrap_config_template,
-            desired.bootstrap_config_template,
-            reads,
-        )?;
-        Ok(CanUpdateMachineSetRequest {
-            api_version: raw.api_version,
-            kind: raw.kind,
-            settings: raw.settings,
-            current: CanUpdateMachineSetRequestObjects {
-                machine_set: machine_set.0,
-                infrastructure_machine_template: infrastructure.0,
-                bootstrap_config_template: bootstrap.0,
-            },
-            desired: CanUpdateMachineSetRequestObjects {
-                machine_set: machine_set.1,
-                infrastructure_machine_template: infrastructure.1,
-                bootstrap_config_template: bootstrap.1,
-            },
-        })
-    }
-}
+);
 
 /// `UpdateMachineRequest`, sent (and re-sent) by the Machine controller. Only `desired` exists.
 #[derive(Debug, Clone, Default, Deserialize)]
