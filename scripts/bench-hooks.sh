@@ -24,7 +24,8 @@ TO=v1.32.3
 # Long enough to outlast the whole UpdateMachine part; the upgrades never finish, the cluster is
 # removed instead.
 DELAY_MS=600000
-CLUSTER=bench-hooks
+# One per run (the shell's pid), so that two runs at once do not share a cluster.
+CLUSTER="bench-hooks-$$"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
