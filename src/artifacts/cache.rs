@@ -384,14 +384,24 @@ impl Inner {
     }
 
     async fn write_index(&self, path: &Path, artifact: &CachedArtifact) -> Result<()> {
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let partial =
-            PartialFile::new(self.root.join(TMP_DIR).join(format!("index.{seq}.partial")));
         let contents = IndexEntry {
             sha256: artifact.sha256.clone(),
             size: artifact.size,
         }
         .render();
+        self.replace_file(path, contents, Durability::Synced).await
+    }
+
+    /// Writes a small file under a temporary name in `tmp/`, then renames it over `path`
+    /// (creating its directory): readers see the old contents or the new, never a part.
+    async fn replace_file(
+        &self,
+        path: &Path,
+        contents: String,
+        durability: Durability,
+    ) -> Result<()> {
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let partial = PartialFile::new(self.root.join(TMP_DIR).join(format!("{seq}.partial")));
         let from = partial.path.clone();
         let to = path.to_owned();
         blocking(path, move || {
@@ -400,9 +410,14 @@ impl Inner {
             }
             let mut file = File::create(&from)?;
             file.write_all(contents.as_bytes())?;
-            file.sync_all()?;
+            if durability == Durability::Synced {
+                file.sync_all()?;
+            }
             std::fs::rename(&from, &to)?;
-            sync_parent(&to)
+            if durability == Durability::Synced {
+                sync_parent(&to)?;
+            }
+            Ok(())
         })
         .await?;
         partial.disarm();
@@ -416,20 +431,9 @@ impl Inner {
     /// Records the status of a blob whose content just hashed right. Not synced: a record lost
     /// in a crash only costs one more hash.
     async fn write_stamp(&self, sha256: &str, metadata: &std::fs::Metadata) -> Result<()> {
-        let path = self.stamp_path(sha256);
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let partial =
-            PartialFile::new(self.root.join(TMP_DIR).join(format!("stamp.{seq}.partial")));
         let contents = Stamp::of(metadata).render();
-        let from = partial.path.clone();
-        let to = path.clone();
-        blocking(&path, move || {
-            std::fs::write(&from, contents)?;
-            std::fs::rename(&from, &to)
-        })
-        .await?;
-        partial.disarm();
-        Ok(())
+        self.replace_file(&self.stamp_path(sha256), contents, Durability::Unsynced)
+            .await
     }
 
     fn is_verified(&self, sha256: &str) -> bool {
@@ -445,6 +449,13 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(sha256.to_owned());
     }
+}
+
+/// Whether [`Inner::replace_file`] waits for the file and its directory entry to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    Synced,
+    Unsynced,
 }
 
 /// The status of a blob file when its content last hashed right: any write, chmod, replacement

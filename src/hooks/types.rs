@@ -259,10 +259,6 @@ impl<'de> Visitor<'de> for FieldsVisitor {
         Ok(Value::from(text))
     }
 
-    fn visit_string<E>(self, text: String) -> Result<Value, E> {
-        Ok(Value::String(text))
-    }
-
     fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
         Ok(Value::Bool(value))
     }
@@ -285,8 +281,9 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 }
 
 /// A value read through and dropped, parsed as strictly as decoding it would be (numbers in range,
-/// complete escapes), so a request that decoding whole would refuse is refused all the same, with the
-/// same message.
+/// complete escapes), so a request that decoding whole would refuse is refused all the same (the
+/// position in the message counts from the start of the object). UpdateMachine's unread objects
+/// are only checked to be JSON, as serde skips them.
 struct Skipped;
 
 impl<'de> Deserialize<'de> for Skipped {

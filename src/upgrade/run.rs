@@ -233,8 +233,8 @@ impl Engine {
                     &options.source,
                     arch,
                     &self.timeouts,
+                    next_answer(&mut answers),
                 );
-                staging.hashed_under_lease(next_answer(&mut answers));
                 if !staging.is_done().await? {
                     staging.stage().await?;
                     staging.verify().await?;
@@ -538,9 +538,6 @@ struct Known {
     apiserver: Option<KubeVersion>,
     /// This attempt swapped the kubelet binary, so the running kubelet is the old one.
     kubelet_replaced: bool,
-    /// The kubelet unit was active right after this attempt restarted it (the restart's exec
-    /// asks); `false` until then.
-    kubelet_active_after_restart: bool,
 }
 
 /// What preflight asks every control-plane node, in the batch it sends that node.
@@ -597,6 +594,13 @@ pub(super) fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
         return Err(output.into_error(container).into());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Whether preflight asks the `index`th other control plane for the cluster's version: a worker
+/// reads the cluster configuration through the first control plane (a control plane reads its
+/// own).
+fn asks_cluster_version(node: &DockerNode, index: usize) -> bool {
+    node.role() != Role::ControlPlane && index == 0
 }
 
 /// The control-plane node kubectl runs on, and the cluster's `kubernetesVersion` read there:
@@ -669,11 +673,9 @@ impl<'a> Session<'a> {
         if labelled_control_plane {
             control_plane_questions(&mut own_questions, true);
         }
-        // A worker reads the cluster configuration through the first control plane.
-        let asks_cluster = |index: usize| !labelled_control_plane && index == 0;
         let other_batches = others.iter().enumerate().map(|(index, cp)| {
             let mut batch = Batch::new(quick);
-            control_plane_questions(&mut batch, asks_cluster(index));
+            control_plane_questions(&mut batch, asks_cluster_version(&node, index));
             async move { batch.run(cp).await }
         });
         let (own_answers, other_answers) = tokio::join!(
@@ -686,7 +688,45 @@ impl<'a> Session<'a> {
             Some(claim) => Some(claim.take(&node, next_answer(&mut answers))?),
             None => None,
         };
-        let opened = async {
+        match Self::from_answers(
+            engine,
+            node,
+            target,
+            options,
+            answers,
+            others,
+            other_answers,
+        )
+        .await
+        {
+            Ok(mut session) => {
+                session.lease = lease;
+                Ok(session)
+            }
+            Err(e) => {
+                if let Some(lease) = lease {
+                    lease.release().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The rest of preflight, from the answers of [`Session::open`]'s batches: the node's own
+    /// (after the lease's, when one was claimed), and each other control plane's.
+    async fn from_answers(
+        engine: &'a Engine,
+        node: DockerNode,
+        target: &'a NodeTarget,
+        options: &'a Options,
+        mut answers: std::vec::IntoIter<ExecOutput>,
+        others: Vec<DockerNode>,
+        other_answers: Vec<crate::node::Result<Vec<ExecOutput>>>,
+    ) -> Result<Session<'a>> {
+        let quick = engine.timeouts.command;
+        let version = target.version;
+        let paths = Paths::new(&version);
+        let labelled_control_plane = node.role() == Role::ControlPlane;
         let manifest_present = next_answer(&mut answers).exit_code == 0;
         let role = if manifest_present {
             Role::ControlPlane
@@ -726,7 +766,7 @@ impl<'a> Session<'a> {
             control_planes.push(ControlPlaneAnswers::read(
                 cp,
                 &mut answers,
-                asks_cluster(index),
+                asks_cluster_version(&node, index),
             )?);
         }
         let apiservers: Vec<KubeVersion> = control_planes.iter().map(|cp| cp.apiserver).collect();
@@ -764,8 +804,14 @@ impl<'a> Session<'a> {
 
         journal.from = Some(from);
         journal.completed.insert(Step::Preflight);
-        let mut staging = Staging::new(node.clone(), version, &options.source, arch, &engine.timeouts);
-        staging.hashed_under_lease(staged_hashes);
+        let staging = Staging::new(
+            node.clone(),
+            version,
+            &options.source,
+            arch,
+            &engine.timeouts,
+            staged_hashes,
+        );
         let mut session = Session {
             engine,
             staging,
@@ -784,7 +830,6 @@ impl<'a> Session<'a> {
                 cluster,
                 apiserver: own_apiserver,
                 kubelet_replaced: false,
-                kubelet_active_after_restart: false,
             },
             asked_after_action: None,
             already_at_target: false,
@@ -804,20 +849,6 @@ impl<'a> Session<'a> {
             }
         }
         Ok(session)
-        }
-        .await;
-        match opened {
-            Ok(mut session) => {
-                session.lease = lease;
-                Ok(session)
-            }
-            Err(e) => {
-                if let Some(lease) = lease {
-                    lease.release().await;
-                }
-                Err(e)
-            }
-        }
     }
 
     fn check_lease(&self) -> Result<()> {
@@ -980,13 +1011,17 @@ impl<'a> Session<'a> {
             Step::Drain => self.drain().await,
             Step::InstallKubelet => self.install(&[Binary::Kubelet, Binary::Kubectl]).await,
             Step::RestartKubelet => {
-                let state = self
-                    .change_one(
-                        Command::new(["sh", "-c", RESTART_KUBELET]),
-                        self.engine.timeouts.command,
-                    )
-                    .await?;
-                self.known.kubelet_active_after_restart = state.trim() == "active";
+                // The same exec then asks whether the unit came up, for the verification.
+                let commands = [
+                    Command::new(["sh", "-c", RESTART_KUBELET]),
+                    kubelet_active_command(),
+                ];
+                let mut answers = self
+                    .change(&commands, self.engine.timeouts.command)
+                    .await?
+                    .into_iter();
+                stdout_of(next_answer(&mut answers), self.node.name())?;
+                self.asked_after_action = Some(answers.collect());
                 Ok(())
             }
             Step::VerifyNode => Ok(()),
@@ -1051,8 +1086,16 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
-            Step::RestartKubelet if self.known.kubelet_active_after_restart => Ok(()),
-            Step::RestartKubelet => self.wait_kubelet_active().await,
+            Step::RestartKubelet => {
+                let active_after_restart = self
+                    .asked_after_action
+                    .take()
+                    .is_some_and(|answers| answers.first().is_some_and(|a| a.exit_code == 0));
+                if active_after_restart {
+                    return Ok(());
+                }
+                self.wait_kubelet_active().await
+            }
             Step::VerifyNode => self.wait_node_ready().await,
         }
     }
@@ -1266,7 +1309,7 @@ impl<'a> Session<'a> {
     async fn kubectl_then_read_node(&mut self, action: Command, timeout: Duration) -> Result<()> {
         let timeout = timeout + self.engine.timeouts.command;
         let commands = [action, node_command(self.node.name())];
-        let answers = if self.control_plane.id() == self.node.id() {
+        let answers = if self.kubectl_runs_in_node() {
             self.change(&commands, timeout).await?
         } else {
             // kubectl runs in another container; the journal is written in this one first.
@@ -1319,11 +1362,17 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Whether the node is the control plane kubectl runs on, so that a kubectl command and a
+    /// question about the node itself can share one exec.
+    fn kubectl_runs_in_node(&self) -> bool {
+        self.control_plane.id() == self.node.id()
+    }
+
     /// The Node as the API server has it, and whether the kubelet unit is active: one batch
     /// when kubectl runs in the node itself (a control plane), else the two questions to the two
     /// containers at once.
     async fn node_and_kubelet(&self) -> Result<(NodeStatus, bool)> {
-        if self.control_plane.id() != self.node.id() {
+        if !self.kubectl_runs_in_node() {
             return tokio::try_join!(self.node_status(), self.kubelet_active());
         }
         let name = self.node.name().to_string();
@@ -1412,8 +1461,7 @@ while [ "$#" -ge 4 ]; do
 done
 "#;
 
-/// Restarts the kubelet onto the new binary, then prints whether its unit is active, which the
-/// step's verification needs; re-reads the units first only when systemd says
+/// Restarts the kubelet onto the new binary, re-reading the units first only when systemd says
 /// one changed on disk. A binary swap changes no unit, and kubeadm writes the kubelet's flags and
 /// configuration (read when the kubelet starts), not its unit files, so the reload the manual
 /// procedure runs every time is usually a no-op. It is not free: systemd re-runs every generator
@@ -1423,8 +1471,7 @@ const RESTART_KUBELET: &str = r#"set -e
 if [ "$(systemctl show --property=NeedDaemonReload --value kubelet)" != no ]; then
   systemctl daemon-reload
 fi
-systemctl restart kubelet
-systemctl is-active kubelet || true"#;
+systemctl restart kubelet"#;
 
 /// Asks `program` (a path or name of a kubeadm, kubelet or kubectl binary) for its version,
 /// with the command and output format that tool's real version prints.

@@ -23,9 +23,9 @@ pub(super) struct Staging<'a> {
     digests: Vec<(Binary, String)>,
     /// The verified binaries in the host cache, once fetched (upload only).
     cached: Option<KubeBinaries>,
-    /// The digests of what was staged, as hashed in the batch that took the node's lease; the
-    /// first check answers from it instead of hashing again.
-    hashed_under_lease: Option<ExecOutput>,
+    /// The answer to [`Staging::hash_command`] from the batch that took the node's lease: what
+    /// was staged before this attempt did anything.
+    staged_when_leased: ExecOutput,
 }
 
 impl<'a> Staging<'a> {
@@ -35,6 +35,7 @@ impl<'a> Staging<'a> {
         source: &'a Source,
         arch: Arch,
         timeouts: &'a Timeouts,
+        staged_when_leased: ExecOutput,
     ) -> Staging<'a> {
         Staging {
             node,
@@ -45,22 +46,15 @@ impl<'a> Staging<'a> {
             timeouts,
             digests: Vec::new(),
             cached: None,
-            hashed_under_lease: None,
+            staged_when_leased,
         }
     }
 
-    /// Hands over the answer to [`Staging::hash_command`] from the batch that took the lease.
-    pub(super) fn hashed_under_lease(&mut self, answer: ExecOutput) {
-        self.hashed_under_lease = Some(answer);
-    }
-
-    /// Whether every binary is already staged with its published digest.
+    /// Whether every binary was already staged with its published digest when the lease was
+    /// taken. Asked once, before this attempt stages anything.
     pub(super) async fn is_done(&mut self) -> Result<bool> {
         self.expected_digests().await?;
-        match self.hashed_under_lease.take() {
-            Some(answer) => Ok(self.digests_match(&answer)),
-            None => self.staged_digests_match().await,
-        }
+        Ok(self.digests_match(&self.staged_when_leased))
     }
 
     /// The sha256 each binary must have: from the verified host cache, or from the published
@@ -121,14 +115,6 @@ impl<'a> Staging<'a> {
                 .lines()
                 .any(|line| hash_line(line) == Some((digest.as_str(), path.as_str())))
         })
-    }
-
-    pub(super) async fn staged_digests_match(&self) -> Result<bool> {
-        let output = self
-            .node
-            .exec(Self::hash_command(&self.paths).timeout(self.timeouts.command))
-            .await?;
-        Ok(self.digests_match(&output))
     }
 
     /// The staged bytes must match their published digests, and be the right programs: each

@@ -83,12 +83,13 @@ impl Step {
         }
     }
 
-    /// Whether finishing this step is written to the journal at once. Steps whose effect the node
-    /// shows (binary versions, the running kubelet's version) are re-checked on resume and need
-    /// no record; these are the ones whose completion the node cannot show (a worker's `kubeadm
-    /// upgrade node`, our drain and uncordon, the end), plus the long ones, so `status` stays
-    /// close to the truth. Each write is one exec, so recording everything would cost an upgrade
-    /// about a second.
+    /// Whether finishing this step is written to the journal (by the next exec that changes the
+    /// node, ahead of the change, or by the one that releases the lease). Steps whose effect the
+    /// node shows (binary versions, the running kubelet's version) are re-checked on resume and
+    /// need no record; these are the ones whose completion the node cannot show (a worker's
+    /// `kubeadm upgrade node`, our drain and uncordon, the end), plus the long ones, so `status`
+    /// stays close to the truth. A record costs no exec of its own, but a worker's drain runs in
+    /// the control plane, so recording it before the cordon takes one more exec in the worker.
     pub fn recorded(self) -> bool {
         matches!(
             self,

@@ -14,8 +14,9 @@ const FIXTURE: &str =
 pub const CAN_UPDATE_REQUEST_BYTES: usize = 30 * 1024;
 
 /// A CanUpdateMachineRequest of at least [`CAN_UPDATE_REQUEST_BYTES`]: the fixture with the same
-/// files added to the current and the desired KubeadmConfig, so the answer is still "in place"
-/// and the decision compares every file.
+/// files added to the current and the desired KubeadmConfig, so the answer is still "in place".
+/// As on a plain upgrade from KCP, the two KubeadmConfigs are the same bytes: they are read once,
+/// and no file is decoded or compared.
 pub fn can_update_machine_request() -> Vec<u8> {
     let mut request: Value = serde_json::from_str(FIXTURE).expect("the fixture is JSON");
     let mut index = 0;
