@@ -27,11 +27,15 @@ DELAY_MS=600000
 # One per run (the shell's pid), so that two runs at once do not share a cluster.
 CLUSTER="bench-hooks-$$"
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
 command="scripts/bench-hooks.sh"
 log() { echo "bench-hooks: $*" >&2; }
 script_start=$SECONDS
+
+log "building release binaries"
+build_start=$SECONDS
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+build_seconds=$((SECONDS - build_start))
 
 for tool in curl jq docker; do
   command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
@@ -45,14 +49,8 @@ if [ ! -x "$oha" ]; then
   log "oha installed in $((SECONDS - start)) s"
 fi
 
-log "building release binaries"
-build_start=$SECONDS
-cargo build -q --release -p capd-inplace -p capd-inplace-e2e -p capd-inplace-simnode >&2
-build_seconds=$((SECONDS - build_start))
 # Other work on the machine shows in every figure; the fragment says how busy it was.
-load="$(cut -d' ' -f1 /proc/loadavg)"
-bin="$root/target/release"
-export CAPD_SIMNODE_BIN="$bin/simnode"
+loadavg="$(cut -d' ' -f1 /proc/loadavg)"
 
 work="$(mktemp -d /var/tmp/capd-inplace-bench-hooks.XXXXXX)"
 ext_pid=""
@@ -117,16 +115,19 @@ curl -fs -o /dev/null "http://127.0.0.1:$health_port/readyz" || { log "extension
 
 ceiling_port="$(free_port)"
 ceiling="https://127.0.0.1:$ceiling_port"
+wait_answering() { # url what
+  for _ in $(seq 100); do
+    curl -fs --cacert "$certs/ca.crt" -o /dev/null "$1" && return
+    sleep 0.1
+  done
+  log "the $2 does not answer on $1"
+  exit 1
+}
 start_ceiling() { # answer file
   stop_ceiling
   "$bin/bench-ceiling" "127.0.0.1:$ceiling_port" "$certs" "$1" 2>>"$work/ceiling.log" &
   ceiling_pid=$!
-  for _ in $(seq 100); do
-    curl -fs --cacert "$certs/ca.crt" -o /dev/null "$ceiling/" && return
-    sleep 0.1
-  done
-  log "the ceiling server does not answer on $ceiling"
-  exit 1
+  wait_answering "$ceiling/" "ceiling server"
 }
 stop_ceiling() {
   if [ -n "$ceiling_pid" ]; then
@@ -171,6 +172,21 @@ load() { # url body-file concurrency duration
       end' "$out"
 }
 
+warm() { # url body-file: one second of load, not measured
+  "$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$2" -c 16 -z 1s -w "$1" >/dev/null
+}
+
+hz="$(getconf CLK_TCK)"
+# A load against a server, with its CPU time: prints "rps p50_ms p99_ms requests µs_per_request".
+measure() { # pid url body-file concurrency
+  local ticks line m
+  ticks="$(cpu_ticks "$1")"
+  line="$(load "$2" "$3" "$4" "$DURATION")"
+  read -r -a m <<<"$line"
+  ticks=$(($(cpu_ticks "$1") - ticks))
+  echo "${m[*]} $(per_request "$ticks" "$hz" "${m[3]}")"
+}
+
 # One table: for each concurrency, the extension then the ceiling (interleaved, so a change in
 # the machine's background load hits both), after a one-second warm-up of each.
 # check_before/check_after name functions run around each extension load, with the oha request
@@ -178,30 +194,24 @@ load() { # url body-file concurrency duration
 # Also prints each server's CPU time per request (from /proc/<pid>/stat): less sensitive to other
 # work on the machine than rps, which depends on how much CPU the run happened to get.
 table() { # ext-url ceiling-url body-file check_before check_after
-  local c line e ce mem r r16="" p16="" ticks cpu_ext="" cpu_ceiling=""
-  local hz
-  hz="$(getconf CLK_TCK)"
-  "$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$3" -c 16 -z 1s -w "$1" >/dev/null
-  "$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$3" -c 16 -z 1s -w "$2" >/dev/null
+  local c line e ce mem r r16="" p16="" cpu_ext="" cpu_ceiling=""
+  warm "$1" "$3"
+  warm "$2" "$3"
   echo "| concurrency | ext rps | ceiling rps | ratio | ext p50 (ms) | ext p99 (ms) | ceiling p99 (ms) | ext RSS / peak (MiB) |"
   echo "|---|---|---|---|---|---|---|---|"
   for c in "${CONCURRENCY[@]}"; do
     "$4"
     log "  concurrency $c: extension"
-    ticks="$(cpu_ticks "$ext_pid")"
-    line="$(load "$1" "$3" "$c" "$DURATION")"
+    line="$(measure "$ext_pid" "$1" "$3" "$c")"
     read -r -a e <<<"$line"
-    ticks=$(($(cpu_ticks "$ext_pid") - ticks))
-    cpu_ext+="$(per_request "$ticks" "$hz" "${e[3]}") "
+    cpu_ext+="${e[4]} "
     "$5" "${e[3]}"
     line="$(rss "$ext_pid")"
     read -r -a mem <<<"$line"
     log "  concurrency $c: ceiling"
-    ticks="$(cpu_ticks "$ceiling_pid")"
-    line="$(load "$2" "$3" "$c" "$DURATION")"
+    line="$(measure "$ceiling_pid" "$2" "$3" "$c")"
     read -r -a ce <<<"$line"
-    ticks=$(($(cpu_ticks "$ceiling_pid") - ticks))
-    cpu_ceiling+="$(per_request "$ticks" "$hz" "${ce[3]}") "
+    cpu_ceiling+="${ce[4]} "
     r="$(awk -v a="${e[0]}" -v b="${ce[0]}" 'BEGIN {printf "%.2f", a / b}')"
     printf '| %s | %.0f | %.0f | %s | %.2f | %.2f | %.2f | %s / %s |\n' \
       "$c" "${e[0]}" "${ce[0]}" "$r" "${e[1]}" "${e[2]}" "${ce[2]}" "${mem[0]}" "${mem[1]}"
@@ -239,7 +249,7 @@ start_ceiling "$work/can-update.answer.json"
 log "CanUpdateMachine: $(wc -c <"$work/can-update.json") byte request, $(wc -c <"$work/can-update.answer.json") byte answer"
 echo "### CanUpdateMachine under load"
 echo
-echo "Command: \`$command\` ($(nproc) cores, load average $load at the start; oha, HTTP/1.1 over TLS with keep-alive, $DURATION per row;"
+echo "Command: \`$command\` ($(nproc) cores, load average $loadavg at the start; oha, HTTP/1.1 over TLS with keep-alive, $DURATION per row;"
 echo "a $(wc -c <"$work/can-update.json") byte request, the criterion bench's; every answer checked in place on /metrics)."
 echo
 table "$can_update_url" "${can_update_url/#$ext/$ceiling}" "$work/can-update.json" count_decisions check_decisions
@@ -252,12 +262,9 @@ validating="https://127.0.0.1:$validating_port"
 "$bin/bench-ceiling" "127.0.0.1:$validating_port" "$certs" "$work/can-update.answer.json" \
   --validate-json 2>>"$work/ceiling.log" &
 validating_pid=$!
-for _ in $(seq 100); do
-  curl -fs --cacert "$certs/ca.crt" -o /dev/null "$validating/" -d '{}' && break
-  sleep 0.1
-done
+wait_answering "$validating/" "validating ceiling server"
 log "  concurrency 16: validating ceiling, then ceiling"
-"$oha" --no-tui --cacert "$certs/ca.crt" -m POST -D "$work/can-update.json" -c 16 -z 1s -w "$validating/" >/dev/null
+warm "$validating/" "$work/can-update.json"
 line="$(load "$validating/" "$work/can-update.json" 16 "$DURATION")"
 read -r -a v <<<"$line"
 line="$(load "$ceiling/" "$work/can-update.json" 16 "$DURATION")"

@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capd_inplace_e2e::bench::{
-    CpuTicks, ExecCounter, Progress, StepTiming, Table, cpu_time, peak_rss_kib, secs, step_timings,
+    Args, CpuTicks, ExecCounter, Progress, StepTiming, Table, cpu_time, megabytes, parse_args,
+    peak_rss_kib, run_ok, secs, step_timings,
 };
 use capd_inplace_e2e::driver::{
     Change, Decision, Driver, ExtensionConfig, Pacing, RuntimeClient, Workload,
@@ -25,47 +25,8 @@ use capd_inplace_e2e::extension::{self, ExtensionProcess, ServeOptions};
 use capd_inplace_e2e::sim::{SimCluster, Version};
 use capd_inplace_e2e::sim_artifacts;
 
-const USAGE: &str =
-    "usage: bench-scale [--workers 1,5,10,20] [--from v1.31.4] [--to v1.32.3] [--invoked-as TEXT]";
 /// The aim for the extension's peak resident memory at the largest W.
 const RSS_AIM_MB: f64 = 64.0;
-
-struct Args {
-    workers: Vec<usize>,
-    from: String,
-    to: String,
-    invoked_as: String,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        workers: vec![1, 5, 10, 20],
-        from: "v1.31.4".into(),
-        to: "v1.32.3".into(),
-        invoked_as: "bench-scale".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context(USAGE)?;
-        match flag.as_str() {
-            "--workers" => {
-                args.workers = value
-                    .split(',')
-                    .map(|n| n.trim().parse::<usize>())
-                    .collect::<Result<_, _>>()
-                    .context("--workers takes a comma-separated list of worker counts")?;
-                if args.workers.is_empty() || args.workers.contains(&0) {
-                    bail!("--workers: every count must be at least 1");
-                }
-            }
-            "--from" => args.from = value,
-            "--to" => args.to = value,
-            "--invoked-as" => args.invoked_as = value,
-            _ => bail!(USAGE),
-        }
-    }
-    Ok(args)
-}
 
 /// One W's results.
 struct Run {
@@ -173,38 +134,30 @@ async fn upgrade_once(
     })
 }
 
+/// Decimal megabytes, the unit of the aim, from the kernel's KiB.
 fn mb(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
+    megabytes(kib * 1024)
 }
 
 /// Fills the shared cache with the target version through `capd-inplace stage` on a throwaway
 /// one-node cluster, so that every measured run starts warm.
 async fn warm_cache(args: &Args, artifact_url: &str, cache: &Path) -> anyhow::Result<()> {
     let cluster = SimCluster::up("bench-scale-warmup", 1, 0, &args.from).await?;
-    let output = tokio::process::Command::new(extension::binary()?)
+    let mut command = tokio::process::Command::new(extension::binary()?);
+    command
         .args(["stage", "--cluster", cluster.name(), "--to", &args.to])
         .args(["--artifact-url", artifact_url])
         .arg("--artifact-cache-dir")
-        .arg(cache)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("start capd-inplace stage")?;
+        .arg(cache);
+    let staged = run_ok(command, "capd-inplace stage").await;
     cluster.down().await?;
-    if !output.status.success() {
-        bail!(
-            "capd-inplace stage failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
+    staged
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let args = parse_args()?;
+    let args = parse_args("bench-scale", "--workers", &[1, 5, 10, 20])?;
     let progress = Progress::default();
     let simnode = sim_artifacts::simnode_binary()?;
     let tree =
@@ -220,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
     progress.say("warming the artifact cache");
     warm_cache(&args, &artifact_url, &cache).await?;
     let mut runs = Vec::new();
-    for &workers in &args.workers {
+    for &workers in &args.counts {
         runs.push(upgrade_once(&args, workers, &artifact_url, &cache, &progress).await?);
     }
     print_report(&args, &runs, progress.elapsed());
@@ -234,11 +187,12 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
     out.push_str(&format!(
         "{} → {} through `capd-inplace serve` (`--max-concurrent-upgrades W`, warm cache, plain \
          stand-in binaries) and the CAPI-faithful driver (KCP, then the MachineDeployment with \
-         maxUnavailable = W; UpdateMachine polled every `retryAfterSeconds` × 0.25 = 2.5 s). \
+         maxUnavailable = W; UpdateMachine polled every `retryAfterSeconds` × {}). \
          Extension CPU is its user + system time during the upgrade; host CPU busy is every core, \
          whatever ran. {} cores; whole run {} s.\n\n",
         args.from,
         args.to,
+        Pacing::default().retry_scale,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         secs(runtime),
     ));
@@ -274,7 +228,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
     };
     let control_plane = format!("{}-cp-0", cluster_name(largest.workers));
     out.push_str(&format!(
-        "\nWhere the time goes at W = {} (`step finished` lines, milliseconds):\n\n",
+        "\nWhere the time goes at W = {} (`step finished` lines of the steps that succeeded, milliseconds):\n\n",
         largest.workers
     ));
     let mut steps = Table::new(["step", "control plane", "workers: mean", "workers: max"]);
@@ -289,7 +243,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
             largest
                 .steps
                 .iter()
-                .filter(|t| t.step == step && (t.container != control_plane) == worker)
+                .filter(|t| t.ok && t.step == step && (t.container != control_plane) == worker)
                 .map(|t| t.elapsed_ms)
                 .collect()
         };
@@ -313,7 +267,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
         largest.workers,
         in_workers as f64 / largest.workers as f64,
     ));
-    let rss = largest.peak_rss_kib as f64 / 1024.0;
+    let rss = largest.peak_rss_kib as f64 * 1024.0 / 1e6;
     out.push_str(&format!(
         "\nVerdict: peak RSS at W = {} is {rss:.1} MB, {} the {RSS_AIM_MB:.0} MB aim.\n",
         largest.workers,

@@ -17,58 +17,18 @@
 //! `scripts/bench-staging.sh`; prints a Markdown fragment on stdout and progress on stderr.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use capd_inplace_e2e::bench::{Progress, Table, megabytes, ratio, secs};
+use anyhow::bail;
+use capd_inplace_e2e::bench::{Args, Progress, Table, megabytes, parse_args, ratio, run_ok, secs};
 use capd_inplace_e2e::extension;
 use capd_inplace_e2e::sim::{ArtifactSizes, Options, SimCluster};
 use capd_inplace_e2e::sim_artifacts::{self, ARCH, TOOLS};
 
-const USAGE: &str =
-    "usage: bench-staging [--nodes 1,5,10] [--from v1.31.4] [--to v1.32.3] [--invoked-as TEXT]";
 /// Where the engine stages a version; the floor and the naive variant write to the same place.
 const STAGE_ROOT: &str = "/var/lib/capd-inplace";
 /// How often each variant but the cold cache runs per node count; the median is reported.
 const ROUNDS: usize = 3;
-
-struct Args {
-    nodes: Vec<usize>,
-    from: String,
-    to: String,
-    invoked_as: String,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        nodes: vec![1, 5, 10],
-        from: "v1.31.4".into(),
-        to: "v1.32.3".into(),
-        invoked_as: "bench-staging".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context(USAGE)?;
-        match flag.as_str() {
-            "--nodes" => {
-                args.nodes = value
-                    .split(',')
-                    .map(|n| n.trim().parse::<usize>())
-                    .collect::<Result<_, _>>()
-                    .context("--nodes takes a comma-separated list of node counts")?;
-                if args.nodes.contains(&0) {
-                    bail!("--nodes: every count must be at least 1");
-                }
-            }
-            "--from" => args.from = value,
-            "--to" => args.to = value,
-            "--invoked-as" => args.invoked_as = value,
-            _ => bail!(USAGE),
-        }
-    }
-    Ok(args)
-}
 
 /// What one variant cost on one cluster.
 #[derive(Debug, Clone, Copy)]
@@ -256,23 +216,6 @@ async fn clean(cluster: &SimCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_ok(mut command: tokio::process::Command, what: &str) -> anyhow::Result<()> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("start {what}"))?;
-    if !output.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// Copies `from` byte by byte, so the copy is fully allocated whatever holes `from` has.
 fn write_dense_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
     use std::io::{Read, Write};
@@ -299,7 +242,7 @@ fn write_dense_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = parse_args("bench-staging", "--nodes", &[1, 5, 10])?;
     let progress = Progress::default();
     let capd_inplace = extension::binary()?;
     let simnode = sim_artifacts::simnode_binary()?;
@@ -337,13 +280,13 @@ async fn main() -> anyhow::Result<()> {
 
     progress.say(format!(
         "creating clusters of {:?} nodes in parallel",
-        args.nodes
+        args.counts
     ));
     let setup = Instant::now();
     let options = Options {
         artifact_sizes: ArtifactSizes::REAL,
     };
-    let clusters = futures::future::try_join_all(args.nodes.iter().map(|&n| {
+    let clusters = futures::future::try_join_all(args.counts.iter().map(|&n| {
         let name = format!("bench-stage-{n}");
         let from = args.from.clone();
         async move { SimCluster::up_with(&name, 1, n - 1, &from, options).await }
@@ -361,7 +304,7 @@ async fn main() -> anyhow::Result<()> {
         _work: work,
     };
     let mut results: Vec<Row> = Vec::new();
-    for (cluster, &n) in clusters.iter().zip(&args.nodes) {
+    for (cluster, &n) in clusters.iter().zip(&args.counts) {
         // A cache is cold once; the other variants run ROUNDS times, interleaved so that a
         // change in the machine's background load hits each of them, and report their median.
         let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); Variant::ALL.len()];

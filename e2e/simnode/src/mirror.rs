@@ -159,21 +159,14 @@ fn handle(root: &Path, stream: TcpStream, on_served: &dyn Fn(&Served)) -> std::i
             status: 200,
             body_bytes: 0,
         };
-        let file = if method == "GET" || head {
-            resolve(root, target).filter(|p| p.is_file())
+        let result = if method != "GET" && !head {
+            served.status = 405;
+            respond(&stream, &mut served, b"method not allowed\n", head, conn)
+        } else if let Some(file) = resolve(root, target).filter(|p| p.is_file()) {
+            send_file(&stream, &mut served, &file, head, conn)
         } else {
-            None
-        };
-        let result = match file {
-            _ if method != "GET" && !head => {
-                served.status = 405;
-                respond(&stream, &mut served, b"method not allowed\n", head, conn)
-            }
-            Some(file) => send_file(&stream, &mut served, &file, head, conn),
-            None => {
-                served.status = 404;
-                respond(&stream, &mut served, b"404 page not found\n", head, conn)
-            }
+            served.status = 404;
+            respond(&stream, &mut served, b"404 page not found\n", head, conn)
         };
         on_served(&served);
         result?;

@@ -12,10 +12,86 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, bail};
 use bollard::query_parameters::EventsOptions;
 use futures::StreamExt;
 
 use crate::sim::{self, CLUSTER_LABEL, SimCluster};
+
+/// The arguments of the simulated-cluster benchmarks: the sizes to run (node or worker counts)
+/// and the versions.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub counts: Vec<usize>,
+    pub from: String,
+    pub to: String,
+    /// The command to show in the report.
+    pub invoked_as: String,
+}
+
+/// Parses `[COUNT_FLAG a,b,c] [--from V] [--to V] [--invoked-as TEXT]` from the process's
+/// arguments.
+pub fn parse_args(
+    program: &str,
+    count_flag: &str,
+    default_counts: &[usize],
+) -> anyhow::Result<Args> {
+    let counts_text = default_counts
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let usage = format!(
+        "usage: {program} [{count_flag} {counts_text}] [--from v1.31.4] [--to v1.32.3] [--invoked-as TEXT]"
+    );
+    let mut args = Args {
+        counts: default_counts.to_vec(),
+        from: "v1.31.4".into(),
+        to: "v1.32.3".into(),
+        invoked_as: program.into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| usage.clone())?;
+        match flag.as_str() {
+            "--from" => args.from = value,
+            "--to" => args.to = value,
+            "--invoked-as" => args.invoked_as = value,
+            flag if flag == count_flag => {
+                args.counts = value
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| {
+                        format!("{count_flag} takes a comma-separated list of counts")
+                    })?;
+                if args.counts.contains(&0) {
+                    bail!("{count_flag}: every count must be at least 1");
+                }
+            }
+            _ => bail!(usage),
+        }
+    }
+    Ok(args)
+}
+
+/// Runs `command` to the end with no stdin, failing with its output unless it succeeded.
+pub async fn run_ok(mut command: tokio::process::Command, what: &str) -> anyhow::Result<()> {
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("start {what}"))?;
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
 
 /// A Markdown table.
 #[derive(Debug, Clone)]

@@ -147,7 +147,7 @@ impl InFlight<'_> {
             driver.force_in_place_update(worker, self.to)?;
             driver.call_update_machine(worker).await?;
         }
-        self.wait_parked(&driver, &workers).await?;
+        wait_parked(&driver, &workers).await?;
         eprintln!(
             "bench-setup: {} worker upgrades in flight, all in `kubeadm upgrade`, after {:.0?}",
             workers.len(),
@@ -164,36 +164,33 @@ impl InFlight<'_> {
         driver
             .client()
             .prepare_request(Hook::UpdateMachine, &mut request);
-        let url = format!(
-            "{}/hooks.runtime.cluster.x-k8s.io/v1alpha1/updatemachine/update-machine?timeout=10s",
-            self.url.trim_end_matches('/')
-        );
+        let url = driver.client().hook_url(Hook::UpdateMachine)?;
         Ok((url, serde_json::to_vec(&request)?))
     }
+}
 
-    /// Polls every worker until each answers that it is in the delayed step; any other answer
-    /// than in-progress (done, Failure) means the setup is not what the benchmark claims.
-    async fn wait_parked(&self, driver: &Driver, workers: &[String]) -> anyhow::Result<()> {
-        let deadline = Instant::now() + PARK_TIMEOUT;
-        let mut waiting: Vec<&String> = workers.iter().collect();
-        while !waiting.is_empty() {
-            if Instant::now() > deadline {
-                bail!("workers not in `kubeadm upgrade` after {PARK_TIMEOUT:?}: {waiting:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut still = Vec::new();
-            for worker in waiting {
-                let response = driver.call_update_machine(worker).await?;
-                let message = response["message"].as_str().unwrap_or_default();
-                if response["retryAfterSeconds"].as_u64().unwrap_or(0) == 0 {
-                    bail!("{worker} is no longer in progress: {message}");
-                }
-                if !message.contains("kubeadm upgrade") {
-                    still.push(worker);
-                }
-            }
-            waiting = still;
+/// Polls every worker until each answers that it is in the delayed step; any other answer
+/// than in-progress (done, Failure) means the setup is not what the benchmark claims.
+async fn wait_parked(driver: &Driver, workers: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PARK_TIMEOUT;
+    let mut waiting: Vec<&String> = workers.iter().collect();
+    while !waiting.is_empty() {
+        if Instant::now() > deadline {
+            bail!("workers not in `kubeadm upgrade` after {PARK_TIMEOUT:?}: {waiting:?}");
         }
-        Ok(())
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut still = Vec::new();
+        for worker in waiting {
+            let response = driver.call_update_machine(worker).await?;
+            let message = response["message"].as_str().unwrap_or_default();
+            if response["retryAfterSeconds"].as_u64().unwrap_or(0) == 0 {
+                bail!("{worker} is no longer in progress: {message}");
+            }
+            if !message.contains("kubeadm upgrade") {
+                still.push(worker);
+            }
+        }
+        waiting = still;
     }
+    Ok(())
 }

@@ -314,6 +314,25 @@ impl RuntimeClient {
         }
     }
 
+    /// The URL the next call of `hook` goes to: the next endpoint, with the handler's discovered
+    /// name and timeout.
+    pub fn hook_url(&self, hook: Hook) -> Result<String> {
+        Ok(self.next_hook_url(hook)?.1)
+    }
+
+    /// The next endpoint, and the URL of `hook`'s handler there.
+    fn next_hook_url(&self, hook: Hook) -> Result<(String, String)> {
+        let handler = self.handler(hook)?;
+        let endpoint = self.next_endpoint().to_string();
+        let url = self.url(
+            &endpoint,
+            hook.name(),
+            Some(discovered_name(&handler.name, &self.config.name)),
+            handler.timeout,
+        );
+        Ok((endpoint, url))
+    }
+
     /// `CallExtension`: prepares `request` in place (so the caller compares against what was
     /// sent), posts it, and interprets the answer. A `Failure` is always an error; a transport
     /// error (connection, non-200, undecodable body) is an error under `Fail` and a default
@@ -322,13 +341,7 @@ impl RuntimeClient {
         let handler = self.handler(hook)?.clone();
         self.prepare_request(hook, request);
         let body = serde_json::to_vec(&request).map_err(|e| Error::Model(e.to_string()))?;
-        let endpoint = self.next_endpoint().to_string();
-        let url = self.url(
-            &endpoint,
-            hook.name(),
-            Some(discovered_name(&handler.name, &self.config.name)),
-            handler.timeout,
-        );
+        let (endpoint, url) = self.next_hook_url(hook)?;
         let result = self.post(&url, &handler, body).await;
         let outcome = match &result {
             Ok(response) => format!(
@@ -370,14 +383,7 @@ impl RuntimeClient {
 
     /// Posts raw bytes to a hook's handler (for garbage-body tests): HTTP status and decoded body.
     pub async fn post_raw(&self, hook: Hook, body: Vec<u8>) -> Result<(u16, Value)> {
-        let handler = self.handler(hook)?.clone();
-        let endpoint = self.next_endpoint().to_string();
-        let url = self.url(
-            &endpoint,
-            hook.name(),
-            Some(discovered_name(&handler.name, &self.config.name)),
-            handler.timeout,
-        );
+        let url = self.hook_url(hook)?;
         let response = self
             .http
             .post(&url)
