@@ -227,12 +227,14 @@ async fn upgrade_a_cluster_from_the_command_line() {
     assert!(damaged.contains("cli-md-0-0"), "{damaged}");
     let healed = stage("v1.32.3");
     assert!(healed.status.success(), "{}", text(&healed.stderr));
+    let healed_bytes = std::fs::read(&blob).unwrap();
+    assert_eq!(healed_bytes.len(), size);
+    assert_ne!(healed_bytes, vec![0u8; size]);
     assert_eq!(
-        std::fs::read(&blob).unwrap().len(),
-        size,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&healed_bytes)),
+        kubelet_digest,
         "the damaged blob was fetched again"
     );
-    assert_ne!(std::fs::read(&blob).unwrap(), vec![0u8; size]);
 
     let run = capd_inplace(&[
         "upgrade",

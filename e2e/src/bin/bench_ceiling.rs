@@ -27,6 +27,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::IgnoredAny;
 
+/// The extension's TLS settings, as `server_config` in `src/hooks/server.rs` builds them (the e2e
+/// crate does not link the extension); keep the two in step.
 fn tls(cert_dir: &Path) -> anyhow::Result<ServerConfig> {
     let cert = cert_dir.join("tls.crt");
     let key = cert_dir.join("tls.key");
