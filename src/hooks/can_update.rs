@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use super::settings::{CONTROL_PLANE_MAX_MINOR_SKEW, DISABLE_IN_PLACE_UPDATES, Settings};
 use super::types::{
     CanUpdateMachineRequest, CanUpdateMachineResponse, CanUpdateMachineSetRequest,
-    CanUpdateMachineSetResponse, Outline, Patch, Reads, ResponseStatus, object,
+    CanUpdateMachineSetResponse, Outline, Patch, ReadAlong, Reads, ResponseStatus, object,
 };
 use crate::version::{self, KubeVersion};
 
@@ -91,14 +91,14 @@ pub fn can_update_machine(
         &MACHINE,
         &request.settings,
         Objects {
-            owner: request.current.machine.as_deref(),
-            infrastructure: request.current.infrastructure_machine.as_deref(),
-            bootstrap: request.current.bootstrap_config.as_deref(),
+            owner: request.current.machine.as_ref(),
+            infrastructure: request.current.infrastructure_machine.as_ref(),
+            bootstrap: request.current.bootstrap_config.as_ref(),
         },
         Objects {
-            owner: request.desired.machine.as_deref(),
-            infrastructure: request.desired.infrastructure_machine.as_deref(),
-            bootstrap: request.desired.bootstrap_config.as_deref(),
+            owner: request.desired.machine.as_ref(),
+            infrastructure: request.desired.infrastructure_machine.as_ref(),
+            bootstrap: request.desired.bootstrap_config.as_ref(),
         },
     );
     let mut response = CanUpdateMachineResponse::new(ResponseStatus::Success, decision.message);
@@ -118,14 +118,14 @@ pub fn can_update_machine_set(
         &MACHINE_SET,
         &request.settings,
         Objects {
-            owner: request.current.machine_set.as_deref(),
-            infrastructure: request.current.infrastructure_machine_template.as_deref(),
-            bootstrap: request.current.bootstrap_config_template.as_deref(),
+            owner: request.current.machine_set.as_ref(),
+            infrastructure: request.current.infrastructure_machine_template.as_ref(),
+            bootstrap: request.current.bootstrap_config_template.as_ref(),
         },
         Objects {
-            owner: request.desired.machine_set.as_deref(),
-            infrastructure: request.desired.infrastructure_machine_template.as_deref(),
-            bootstrap: request.desired.bootstrap_config_template.as_deref(),
+            owner: request.desired.machine_set.as_ref(),
+            infrastructure: request.desired.infrastructure_machine_template.as_ref(),
+            bootstrap: request.desired.bootstrap_config_template.as_ref(),
         },
     );
     let mut response = CanUpdateMachineSetResponse::new(ResponseStatus::Success, decision.message);
@@ -156,9 +156,12 @@ struct Shape {
 const DOCKER_IMAGE: &[&str] = &["customImage"];
 const DEV_DOCKER_IMAGE: &[&str] = &["backend", "docker", "customImage"];
 
+const MACHINE_SPEC: &[&str] = &["spec"];
+const MACHINE_SET_SPEC: &[&str] = &["spec", "template", "spec"];
+
 static MACHINE: Shape = Shape {
     owner_kind: "Machine",
-    spec_path: &["spec"],
+    spec_path: MACHINE_SPEC,
     infrastructure_kinds: [
         ("DockerMachine", DOCKER_IMAGE),
         ("DevMachine", DEV_DOCKER_IMAGE),
@@ -169,7 +172,7 @@ static MACHINE: Shape = Shape {
 
 static MACHINE_SET: Shape = Shape {
     owner_kind: "MachineSet",
-    spec_path: &["spec", "template", "spec"],
+    spec_path: MACHINE_SET_SPEC,
     infrastructure_kinds: [
         ("DockerMachineTemplate", DOCKER_IMAGE),
         ("DevMachineTemplate", DEV_DOCKER_IMAGE),
@@ -179,7 +182,7 @@ static MACHINE_SET: Shape = Shape {
 };
 
 /// An object's outline: what every check reads (`kind`, the group of `apiVersion`, and
-/// `metadata` for logs), and `spec` along the given outline.
+/// `metadata` for logs), with the spec at `$spec`.
 macro_rules! object_outline {
     ($spec:expr) => {
         Outline::Fields(&[
@@ -194,32 +197,45 @@ macro_rules! object_outline {
     };
 }
 
-/// What [`decide`] reads of a spec both sides share byte for byte: nothing can differ between the
-/// two, so only what is checked on each side alone, that the spec exists and whether a DevMachine's
-/// `backend.docker` ([`DEV_DOCKER_IMAGE`]) is an object.
-const UNCHANGED_SPEC: Outline = Outline::Fields(&[(
+/// What [`decide`] reads of an owner's or a bootstrap config's spec that is the same on both
+/// sides: nothing can differ between the two, and nothing is checked of one side alone.
+const UNCHANGED_SPEC: Outline = Outline::Fields(&[]);
+
+/// What [`decide`] reads of an infrastructure spec that is the same on both sides: whether a
+/// DevMachine's `backend.docker` ([`DEV_DOCKER_IMAGE`]) is an object, checked on each side alone.
+const UNCHANGED_INFRASTRUCTURE_SPEC: Outline = Outline::Fields(&[(
     "backend",
     Outline::Fields(&[("docker", Outline::Fields(&[]))]),
 )]);
 
-/// What [`decide`] reads of the objects of a CanUpdateMachine request, in step with
-/// [`MACHINE`]`.spec_path`: a changed object's whole spec, and the outline of an unchanged one.
-pub(super) static MACHINE_READS: Reads = Reads {
-    changed: object_outline!(Outline::Whole),
-    unchanged: object_outline!(UNCHANGED_SPEC),
+/// What [`decide`] reads of the objects of a CanUpdateMachine request, in step with [`MACHINE`].
+const MACHINE_READS: Reads = Reads {
+    object: object_outline!(Outline::Spec),
+    spec_path: MACHINE_SPEC,
+    unchanged_owner: UNCHANGED_SPEC,
+    unchanged_infrastructure: UNCHANGED_INFRASTRUCTURE_SPEC,
+    unchanged_bootstrap: UNCHANGED_SPEC,
 };
 
-/// As [`MACHINE_READS`], for a CanUpdateMachineSet request (`spec.template.spec`).
-pub(super) static MACHINE_SET_READS: Reads = Reads {
-    changed: object_outline!(Outline::Fields(&[(
+impl ReadAlong for CanUpdateMachineRequest {
+    const READS: &'static Reads = &MACHINE_READS;
+}
+
+/// As [`MACHINE_READS`], for a CanUpdateMachineSet request, in step with [`MACHINE_SET`].
+const MACHINE_SET_READS: Reads = Reads {
+    object: object_outline!(Outline::Fields(&[(
         "template",
-        Outline::Fields(&[("spec", Outline::Whole)])
+        Outline::Fields(&[("spec", Outline::Spec)])
     )])),
-    unchanged: object_outline!(Outline::Fields(&[(
-        "template",
-        Outline::Fields(&[("spec", UNCHANGED_SPEC)])
-    )])),
+    spec_path: MACHINE_SET_SPEC,
+    unchanged_owner: UNCHANGED_SPEC,
+    unchanged_infrastructure: UNCHANGED_INFRASTRUCTURE_SPEC,
+    unchanged_bootstrap: UNCHANGED_SPEC,
 };
+
+impl ReadAlong for CanUpdateMachineSetRequest {
+    const READS: &'static Reads = &MACHINE_SET_READS;
+}
 
 /// One side (current or desired) of a request.
 #[derive(Clone, Copy)]
@@ -743,11 +759,8 @@ fn json_pointer(path: &[&str]) -> String {
 #[cfg(test)]
 mod test {
     use super::*;
-    use crate::hooks::types::{
-        CanUpdateMachineRequestObjects, CanUpdateMachineSetRequestObjects, Object,
-    };
+    use crate::hooks::types::{CanUpdateMachineRequestObjects, CanUpdateMachineSetRequestObjects};
     use serde_json::json;
-    use std::sync::Arc;
 
     fn docker_machine(image: Option<&str>) -> Value {
         let mut spec = json!({"providerID": "docker:////c1-cp-7xk2p"});
@@ -1167,11 +1180,11 @@ mod test {
     }
 
     /// A request's objects as they are without outlines.
-    fn whole(body: &Value, side: &str, key: &str) -> Option<Object> {
+    fn whole(body: &Value, side: &str, key: &str) -> Option<Value> {
         body[side]
             .get(key)
             .filter(|value| !value.is_null())
-            .map(|value| Arc::new(value.clone()))
+            .cloned()
     }
 
     /// The message of the CanUpdateMachine answer to `body` as served (objects decoded along their

@@ -76,7 +76,7 @@ fn handlers() -> Vec<Handler> {
                             &state.metrics,
                             Hook::CanUpdateMachine,
                             reason,
-                            request.current.machine.as_deref(),
+                            request.current.machine.as_ref(),
                             &response.message,
                             response.machine_patch.is_some()
                                 || response.infrastructure_machine_patch.is_some()
@@ -100,7 +100,7 @@ fn handlers() -> Vec<Handler> {
                             &state.metrics,
                             Hook::CanUpdateMachineSet,
                             reason,
-                            request.current.machine_set.as_deref(),
+                            request.current.machine_set.as_ref(),
                             &response.message,
                             response.machine_set_patch.is_some()
                                 || response.infrastructure_machine_template_patch.is_some()

@@ -7,23 +7,21 @@
 //! policy needs. Responses always carry `apiVersion` and `kind: <Hook>Response`, and
 //! `UpdateMachineResponse` always carries `retryAfterSeconds`, as upstream's `+required` tag says.
 //!
-//! Decoding the objects is most of what a hook call costs, so none is decoded twice or further than
-//! it is read. Every object is checked to be JSON as the request is read; a CanUpdate object is then
-//! decoded only along the [`Outline`] of what the decision reads of it, and a current and a desired
-//! object that arrive as the same bytes are decoded once, to a smaller outline, and shared (see
-//! [`Object`]). UpdateMachine keeps only the Machine.
+//! Decoding the objects is most of what a hook call costs, so a request is read in one pass and
+//! nothing is decoded further than it is read: a CanUpdate object only along the [`Outline`] of
+//! what the decision reads of it, and a spec that is the same on both sides only once, to a smaller
+//! outline (see [`Reads`]). UpdateMachine keeps only the Machine. What is not decoded is checked to
+//! be JSON all the same, as Go's encoding/json checks the fields it does not know.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::marker::PhantomData;
 
 use serde::de::value::SeqAccessDeserializer;
-use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-
-use super::can_update::{MACHINE_READS, MACHINE_SET_READS};
 
 /// The group/version of every hook request and response.
 pub const API_VERSION: &str = "hooks.runtime.cluster.x-k8s.io/v1alpha1";
@@ -183,51 +181,80 @@ pub struct DiscoveryRequest {
 }
 request_type_meta!(DiscoveryRequest, Hook::Discovery);
 
-/// An object of a CanUpdate request, decoded only as far as the decision reads it (see [`Reads`]):
-/// what is left out is JSON (checked as the request was read) that no answer depends on.
-///
-/// KubeadmControlPlane trims the current and the desired objects the same way and Go encodes equal
-/// objects as equal bytes, so on a plain upgrade the KubeadmConfig (the bulk of the request, with its
-/// files) arrives twice, byte for byte. Such a pair is decoded once, to the `unchanged` outline, and
-/// both sides hold the same value: the two sides cannot differ anywhere, so the decision only checks
-/// what it checks of each side alone.
-pub type Object = Arc<Value>;
-
 /// The parts of a JSON value to decode.
 #[derive(Debug)]
 pub enum Outline {
     /// The whole value.
     Whole,
-    /// Of an object, only these fields, each along its own outline; every other field is skipped.
-    /// A value that is not an object is decoded whole.
+    /// Of an object, only these fields, each along its own outline; every other field is only
+    /// checked to be JSON. A value that is not an object is decoded whole.
     Fields(&'static [(&'static str, Outline)]),
+    /// The spec the decision compares: kept as JSON text while the request is read, and decoded
+    /// once both sides are known (see [`Reads`]).
+    Spec,
 }
 
-impl Outline {
-    /// Decodes JSON text along this outline.
-    pub fn decode(&'static self, json: &str) -> Result<Value, serde_json::Error> {
-        let mut deserializer = serde_json::Deserializer::from_str(json);
-        let value = self.deserialize(&mut deserializer)?;
-        deserializer.end()?;
-        Ok(value)
-    }
+/// What the decision reads of the objects of one CanUpdate hook.
+///
+/// KubeadmControlPlane trims the current and the desired objects the same way and Go encodes equal
+/// values as equal bytes, so on a plain upgrade most specs arrive twice, byte for byte, the
+/// KubeadmConfig's above all (the bulk of the request, with its files). The request is read in one
+/// pass: of each object only its [`Reads::object`] outline is decoded, and its spec is kept as
+/// text. A spec that is the same text on both sides cannot differ, so of it only what the decision
+/// checks of each side alone is decoded, once (`unchanged_*`); a spec that differs is decoded whole
+/// on each side. What is left out is only checked to be JSON, as Go's encoding/json does with
+/// fields it does not know; no answer depends on it.
+#[derive(Debug)]
+pub struct Reads {
+    /// Every object along this outline, with [`Outline::Spec`] at `spec_path`.
+    pub object: Outline,
+    /// Where [`Outline::Spec`] is in `object`.
+    pub spec_path: &'static [&'static str],
+    /// What is read of the owner's (Machine's or MachineSet's) spec when it is unchanged.
+    pub unchanged_owner: Outline,
+    /// What is read of the infrastructure object's spec when it is unchanged.
+    pub unchanged_infrastructure: Outline,
+    /// What is read of the bootstrap config's spec when it is unchanged.
+    pub unchanged_bootstrap: Outline,
 }
 
-impl<'de> DeserializeSeed<'de> for &'static Outline {
+/// A request whose objects are decoded along [`Reads`]; the decision says which.
+pub trait ReadAlong {
+    const READS: &'static Reads;
+}
+
+/// Decodes a value along an outline, keeping the text at [`Outline::Spec`] in `spec`.
+struct Along<'s> {
+    outline: &'static Outline,
+    spec: &'s mut Option<Box<RawValue>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Along<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        match self {
+        match self.outline {
             Outline::Whole => Value::deserialize(deserializer),
-            Outline::Fields(fields) => deserializer.deserialize_any(FieldsVisitor(fields)),
+            Outline::Fields(fields) => deserializer.deserialize_any(FieldsVisitor {
+                fields,
+                spec: self.spec,
+            }),
+            Outline::Spec => {
+                *self.spec = Some(Box::<RawValue>::deserialize(deserializer)?);
+                // A placeholder; the decoded spec takes its place (`ReadObject::finish`).
+                Ok(Value::Null)
+            }
         }
     }
 }
 
 /// Builds a [`Value`] like serde_json's own, except that an object keeps only the listed fields.
-struct FieldsVisitor(&'static [(&'static str, Outline)]);
+struct FieldsVisitor<'s> {
+    fields: &'static [(&'static str, Outline)],
+    spec: &'s mut Option<Box<RawValue>>,
+}
 
-impl<'de> Visitor<'de> for FieldsVisitor {
+impl<'de> Visitor<'de> for FieldsVisitor<'_> {
     type Value = Value;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -236,15 +263,18 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut kept = Map::new();
-        while let Some(field) = map.next_key_seed(FieldName(self.0))? {
+        while let Some(field) = map.next_key_seed(FieldName(self.fields))? {
             match field {
                 // A repeated field keeps its last value, as serde_json's own `Value` does.
                 Some((name, outline)) => {
-                    let value = map.next_value_seed(outline)?;
+                    let value = map.next_value_seed(Along {
+                        outline,
+                        spec: &mut *self.spec,
+                    })?;
                     kept.insert((*name).to_owned(), value);
                 }
                 None => {
-                    map.next_value::<Skipped>()?;
+                    map.next_value::<IgnoredAny>()?;
                 }
             }
         }
@@ -280,61 +310,6 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     }
 }
 
-/// A value read through and dropped, parsed as strictly as decoding it would be (numbers in range,
-/// complete escapes), so a request that decoding whole would refuse is refused all the same (the
-/// position in the message counts from the start of the object). UpdateMachine's unread objects
-/// are only checked to be JSON, as serde skips them.
-struct Skipped;
-
-impl<'de> Deserialize<'de> for Skipped {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        // Not `deserialize_ignored_any`: serde_json skips that without checking numbers and escapes.
-        deserializer.deserialize_any(Skipped)
-    }
-}
-
-impl<'de> Visitor<'de> for Skipped {
-    type Value = Skipped;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skipped, A::Error> {
-        while map.next_entry::<Skipped, Skipped>()?.is_some() {}
-        Ok(Skipped)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skipped, A::Error> {
-        while seq.next_element::<Skipped>()?.is_some() {}
-        Ok(Skipped)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Skipped, E> {
-        Ok(Skipped)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Skipped, E> {
-        Ok(Skipped)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Skipped, E> {
-        Ok(Skipped)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Skipped, E> {
-        Ok(Skipped)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Skipped, E> {
-        Ok(Skipped)
-    }
-
-    fn visit_unit<E>(self) -> Result<Skipped, E> {
-        Ok(Skipped)
-    }
-}
-
 /// Reads an object key and finds it among the fields of an outline, without copying it.
 struct FieldName(&'static [(&'static str, Outline)]);
 
@@ -358,35 +333,95 @@ impl<'de> Visitor<'de> for FieldName {
     }
 }
 
-/// What the decision reads of the objects of one current/desired pair.
-#[derive(Debug)]
-pub struct Reads {
-    /// When the two sides differ.
-    pub changed: Outline,
-    /// When both sides are the same bytes.
-    pub unchanged: Outline,
-}
-
-/// Decodes one current/desired pair along `reads`, once when both sides are the same bytes.
-fn decode_pair(
-    current: Option<Box<RawValue>>,
-    desired: Option<Box<RawValue>>,
-    reads: &'static Reads,
-) -> Result<(Option<Object>, Option<Object>), serde_json::Error> {
-    if let (Some(current), Some(desired)) = (&current, &desired)
-        && current.get() == desired.get()
-    {
-        let shared = Arc::new(reads.unchanged.decode(current.get())?);
-        return Ok((Some(Arc::clone(&shared)), Some(shared)));
+/// Decodes a spec (JSON already checked as the request was read) along an outline without
+/// [`Outline::Spec`].
+fn decode_spec(outline: &'static Outline, spec: &RawValue) -> Result<Value, serde_json::Error> {
+    let text = spec.get();
+    if matches!(outline, Outline::Fields([])) && text.trim_start().starts_with('{') {
+        // Nothing to read of an object.
+        return Ok(Value::Object(Map::new()));
     }
-    let decode = |raw: &RawValue| reads.changed.decode(raw.get()).map(Arc::new);
-    Ok((
-        current.as_deref().map(decode).transpose()?,
-        desired.as_deref().map(decode).transpose()?,
-    ))
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let value = Along {
+        outline,
+        spec: &mut None,
+    }
+    .deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
 }
 
-/// A CanUpdate request as it arrives, its objects (`O`, one side's) still JSON text.
+/// One object of a CanUpdate request as it was read: its outline, and its spec as text.
+struct ReadObject<R> {
+    outline: Value,
+    spec: Option<Box<RawValue>>,
+    request: PhantomData<R>,
+}
+
+impl<'de, R: ReadAlong> Deserialize<'de> for ReadObject<R> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut spec = None;
+        let outline = Along {
+            outline: &R::READS.object,
+            spec: &mut spec,
+        }
+        .deserialize(deserializer)?;
+        Ok(Self {
+            outline,
+            spec,
+            request: PhantomData,
+        })
+    }
+}
+
+impl<R: ReadAlong> ReadObject<R> {
+    /// The object with its spec in place: `unchanged` when both sides had the same spec text,
+    /// else the spec decoded whole.
+    fn finish(self, unchanged: Option<&Value>) -> Result<Value, serde_json::Error> {
+        let mut value = self.outline;
+        if let Some(text) = self.spec {
+            let spec = match unchanged {
+                Some(spec) => spec.clone(),
+                None => serde_json::from_str(text.get())?,
+            };
+            if let Some(placeholder) = object::get_mut(&mut value, R::READS.spec_path) {
+                *placeholder = spec;
+            }
+        }
+        Ok(value)
+    }
+}
+
+/// Decodes the specs of one current/desired pair of objects, once when they are the same text.
+fn decode_pair<R: ReadAlong>(
+    current: Option<ReadObject<R>>,
+    desired: Option<ReadObject<R>>,
+    unchanged: &'static Outline,
+) -> Result<(Option<Value>, Option<Value>), serde_json::Error> {
+    let unchanged = match (&current, &desired) {
+        (
+            Some(ReadObject {
+                spec: Some(current_spec),
+                ..
+            }),
+            Some(ReadObject {
+                spec: Some(desired_spec),
+                ..
+            }),
+        ) if current_spec.get() == desired_spec.get() => {
+            Some(decode_spec(unchanged, current_spec)?)
+        }
+        _ => None,
+    };
+    let finish = |object: Option<ReadObject<R>>| {
+        object
+            .map(|object| object.finish(unchanged.as_ref()))
+            .transpose()
+    };
+    Ok((finish(current)?, finish(desired)?))
+}
+
+/// A CanUpdate request as it is read, its objects (`O`, one side's) not yet complete.
 #[derive(Default, Deserialize)]
 #[serde(
     default,
@@ -406,21 +441,20 @@ struct RawCanUpdateRequest<O> {
     desired: O,
 }
 
-/// A CanUpdate request type: the request as the handlers see it, its objects decoded along
-/// `$reads`, and the raw shape it is decoded through (whose decode errors name the upstream
-/// objects type, not the raw one). The two CanUpdate hooks differ only in names.
+/// A CanUpdate request type: the request as the handlers see it, its objects decoded along its
+/// [`Reads`], and the raw shape it is read through (whose decode errors name the upstream objects
+/// type, not the raw one). The two CanUpdate hooks differ only in names.
 macro_rules! can_update_request {
     (
         $(#[$doc:meta])*
-        $request:ident, $hook:expr, $reads:expr,
+        $request:ident, $hook:expr,
         $(#[$objects_doc:meta])*
         $objects:ident, $raw:ident, { $owner:ident, $infrastructure:ident, $bootstrap:ident $(,)? },
-        // serde's attributes take string literals only, so the names come again as text.
-        try_from = $try_from:literal, expecting = $expecting:literal $(,)?
+        // serde's attributes take string literals only, so the name comes again as text.
+        expecting = $expecting:literal $(,)?
     ) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Default, Deserialize)]
-        #[serde(try_from = $try_from)]
+        #[derive(Debug, Clone, Default)]
         pub struct $request {
             pub api_version: String,
             pub kind: String,
@@ -433,29 +467,35 @@ macro_rules! can_update_request {
         $(#[$objects_doc])*
         #[derive(Debug, Clone, Default)]
         pub struct $objects {
-            pub $owner: Option<Object>,
-            pub $infrastructure: Option<Object>,
-            pub $bootstrap: Option<Object>,
+            pub $owner: Option<Value>,
+            pub $infrastructure: Option<Value>,
+            pub $bootstrap: Option<Value>,
         }
 
         #[derive(Default, Deserialize)]
         #[serde(default, expecting = $expecting, rename_all = "camelCase")]
         struct $raw {
-            $owner: Option<Box<RawValue>>,
-            $infrastructure: Option<Box<RawValue>>,
-            $bootstrap: Option<Box<RawValue>>,
+            $owner: Option<ReadObject<$request>>,
+            $infrastructure: Option<ReadObject<$request>>,
+            $bootstrap: Option<ReadObject<$request>>,
         }
 
-        impl TryFrom<RawCanUpdateRequest<$raw>> for $request {
-            type Error = serde_json::Error;
-
-            fn try_from(raw: RawCanUpdateRequest<$raw>) -> Result<Self, Self::Error> {
+        impl<'de> Deserialize<'de> for $request {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let raw = RawCanUpdateRequest::<$raw>::deserialize(deserializer)?;
                 let (current, desired) = (raw.current, raw.desired);
-                let reads = $reads;
-                let owner = decode_pair(current.$owner, desired.$owner, reads)?;
-                let infrastructure =
-                    decode_pair(current.$infrastructure, desired.$infrastructure, reads)?;
-                let bootstrap = decode_pair(current.$bootstrap, desired.$bootstrap, reads)?;
+                let reads = <$request as ReadAlong>::READS;
+                let pair = |current, desired, unchanged| {
+                    decode_pair(current, desired, unchanged).map_err(serde::de::Error::custom)
+                };
+                let owner = pair(current.$owner, desired.$owner, &reads.unchanged_owner)?;
+                let infrastructure = pair(
+                    current.$infrastructure,
+                    desired.$infrastructure,
+                    &reads.unchanged_infrastructure,
+                )?;
+                let bootstrap =
+                    pair(current.$bootstrap, desired.$bootstrap, &reads.unchanged_bootstrap)?;
                 Ok($request {
                     api_version: raw.api_version,
                     kind: raw.kind,
@@ -478,21 +518,19 @@ macro_rules! can_update_request {
 
 can_update_request!(
     /// `CanUpdateMachineRequest`, sent by KubeadmControlPlane.
-    CanUpdateMachineRequest, Hook::CanUpdateMachine, &MACHINE_READS,
+    CanUpdateMachineRequest, Hook::CanUpdateMachine,
     /// `CanUpdateMachineRequestObjects`; `None` means missing or `null`.
     CanUpdateMachineRequestObjects, RawMachineObjects,
     { machine, infrastructure_machine, bootstrap_config },
-    try_from = "RawCanUpdateRequest<RawMachineObjects>",
     expecting = "struct CanUpdateMachineRequestObjects",
 );
 
 can_update_request!(
     /// `CanUpdateMachineSetRequest`, sent by the MachineDeployment controller.
-    CanUpdateMachineSetRequest, Hook::CanUpdateMachineSet, &MACHINE_SET_READS,
+    CanUpdateMachineSetRequest, Hook::CanUpdateMachineSet,
     /// `CanUpdateMachineSetRequestObjects`; `None` means missing or `null`.
     CanUpdateMachineSetRequestObjects, RawMachineSetObjects,
     { machine_set, infrastructure_machine_template, bootstrap_config_template },
-    try_from = "RawCanUpdateRequest<RawMachineSetObjects>",
     expecting = "struct CanUpdateMachineSetRequestObjects",
 );
 
@@ -636,6 +674,12 @@ pub mod object {
         path.iter().try_fold(object, |value, key| value.get(key))
     }
 
+    /// As [`get`], to change the value.
+    pub fn get_mut<'a>(object: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
+        path.iter()
+            .try_fold(object, |value, key| value.get_mut(*key))
+    }
+
     /// The string at `path`, if it exists and is a string.
     pub fn get_str<'a>(object: &'a Value, path: &[&str]) -> Option<&'a str> {
         get(object, path).and_then(Value::as_str)
@@ -695,8 +739,85 @@ mod test {
         assert!(nulls.settings.is_empty());
     }
 
+    /// The outlines of a test: one object field, with its spec; nothing read of an unchanged
+    /// owner spec, and a DevMachine's backend of an unchanged infrastructure spec.
+    struct Test;
+
+    const TEST_READS: Reads = Reads {
+        object: Outline::Fields(&[("kind", Outline::Whole), ("spec", Outline::Spec)]),
+        spec_path: &["spec"],
+        unchanged_owner: Outline::Fields(&[]),
+        unchanged_infrastructure: Outline::Fields(&[(
+            "backend",
+            Outline::Fields(&[("docker", Outline::Fields(&[]))]),
+        )]),
+        unchanged_bootstrap: Outline::Whole,
+    };
+
+    impl ReadAlong for Test {
+        const READS: &'static Reads = &TEST_READS;
+    }
+
+    /// Reads a current and a desired object as a request's objects are read.
+    fn read_pair(
+        current: &str,
+        desired: &str,
+        unchanged: &'static Outline,
+    ) -> Result<(Option<Value>, Option<Value>), serde_json::Error> {
+        let read = |json| serde_json::from_str::<ReadObject<Test>>(json);
+        decode_pair(Some(read(current)?), Some(read(desired)?), unchanged)
+    }
+
     #[test]
-    fn identical_objects_are_decoded_once() {
+    fn a_spec_that_is_the_same_text_is_read_to_its_outline() {
+        let nothing = &TEST_READS.unchanged_owner;
+        let (current, desired) = read_pair(
+            r#"{"kind": "A", "status": {"x": 1}, "spec": {"files": [{"path": "/a"}], "n": 1e400}}"#,
+            r#"{"kind": "B", "spec": {"files": [{"path": "/a"}], "n": 1e400}}"#,
+            nothing,
+        )
+        .unwrap();
+        assert_eq!(current, Some(json!({"kind": "A", "spec": {}})));
+        assert_eq!(desired, Some(json!({"kind": "B", "spec": {}})));
+
+        let backend = &TEST_READS.unchanged_infrastructure;
+        let spec = r#"{"spec": {"backend": {"docker": {"customImage": "x"}, "other": 1}}}"#;
+        let (current, desired) = read_pair(spec, spec, backend).unwrap();
+        assert_eq!(current, Some(json!({"spec": {"backend": {"docker": {}}}})));
+        assert_eq!(current, desired);
+
+        // A spec that is not an object is read whole, even with nothing to read of it.
+        let (current, _) = read_pair(r#"{"spec": [1]}"#, r#"{"spec": [1]}"#, nothing).unwrap();
+        assert_eq!(current, Some(json!({"spec": [1]})));
+
+        // Specs that differ are decoded whole, so strictly: a number out of range is refused.
+        let (current, desired) = read_pair(
+            r#"{"spec": {"version": "v1.33.6", "x": [1.5]}}"#,
+            r#"{"spec": {"version": "v1.34.2"}}"#,
+            nothing,
+        )
+        .unwrap();
+        assert_eq!(
+            current,
+            Some(json!({"spec": {"version": "v1.33.6", "x": [1.5]}}))
+        );
+        assert_eq!(desired, Some(json!({"spec": {"version": "v1.34.2"}})));
+        let refused = read_pair(r#"{"spec": {"n": 1e400}}"#, r#"{"spec": {}}"#, nothing);
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("number out of range")
+        );
+
+        // No spec: nothing in its place.
+        let (current, desired) = read_pair(r#"{"kind": "A"}"#, r#"{"spec": 1}"#, nothing).unwrap();
+        assert_eq!(current, Some(json!({"kind": "A"})));
+        assert_eq!(desired, Some(json!({"spec": 1})));
+    }
+
+    #[test]
+    fn requests_are_read_along_their_outlines() {
         let bootstrap = json!({"kind": "KubeadmConfig", "spec": {"files": [{"path": "/a"}]}});
         let body = json!({
             "current": {"machine": {"spec": {"version": "v1.33.6"}}, "bootstrapConfig": bootstrap},
@@ -705,23 +826,18 @@ mod test {
         .to_string();
         let request: CanUpdateMachineRequest = serde_json::from_str(&body).unwrap();
         let (current, desired) = (&request.current, &request.desired);
-        assert!(Arc::ptr_eq(
-            current.bootstrap_config.as_ref().unwrap(),
-            desired.bootstrap_config.as_ref().unwrap()
-        ));
         // Of an unchanged object, only the outline of its spec.
-        assert_eq!(
-            current.bootstrap_config.as_deref(),
-            Some(&json!({"kind": "KubeadmConfig", "spec": {}}))
-        );
+        let unchanged = Some(json!({"kind": "KubeadmConfig", "spec": {}}));
+        assert_eq!(current.bootstrap_config, unchanged);
+        assert_eq!(desired.bootstrap_config, unchanged);
         // Of a changed one, the whole spec.
         assert_eq!(
-            desired.machine.as_deref(),
-            Some(&json!({"spec": {"version": "v1.34.2"}}))
+            desired.machine,
+            Some(json!({"spec": {"version": "v1.34.2"}}))
         );
         assert_eq!(
-            current.machine.as_deref(),
-            Some(&json!({"spec": {"version": "v1.33.6"}}))
+            current.machine,
+            Some(json!({"spec": {"version": "v1.33.6"}}))
         );
 
         // Errors still name the upstream types.
@@ -735,16 +851,48 @@ mod test {
     }
 
     #[test]
+    fn what_is_not_decoded_is_still_checked_to_be_json() {
+        // In a field the decision does not read, and in a spec that is the same on both sides.
+        for bad in [
+            "[1,]",
+            "[1 2]",
+            r#""unterminated"#,
+            r#""\q""#,
+            r#""\u12""#,
+            "\"tab\tinside\"",
+            "1.",
+            "-",
+            "01",
+            "{\"a\" 1}",
+            "nul",
+        ] {
+            for body in [
+                format!(r#"{{"current": {{"machine": {{"status": {bad}}}}}}}"#),
+                format!(
+                    r#"{{"current": {{"bootstrapConfig": {{"spec": {{"x": {bad}}}}}}},
+                        "desired": {{"bootstrapConfig": {{"spec": {{"x": {bad}}}}}}}}}"#
+                ),
+            ] {
+                assert!(
+                    serde_json::from_str::<CanUpdateMachineRequest>(&body).is_err(),
+                    "{body}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn outlines_keep_only_their_fields() {
         static OUTLINE: Outline = Outline::Fields(&[
             ("kind", Outline::Whole),
             ("spec", Outline::Fields(&[("nested", Outline::Fields(&[]))])),
         ]);
-        let decode = |json: &str| OUTLINE.decode(json).unwrap();
+        let decode = |json: &str| decode_spec(&OUTLINE, &RawValue::from_string(json.to_owned())?);
         assert_eq!(
             decode(
                 r#"{"kind": "K", "other": {"x": [1, 2e3]}, "spec": {"nested": {"big": [1]}, "skipped": 1}}"#
-            ),
+            )
+            .unwrap(),
             json!({"kind": "K", "spec": {"nested": {}}})
         );
         // Anything that is not an object is kept whole, wherever it is.
@@ -757,34 +905,23 @@ mod test {
             r#""text""#,
         ] {
             assert_eq!(
-                decode(json),
+                decode(json).unwrap(),
                 serde_json::from_str::<Value>(json).unwrap(),
                 "{json}"
             );
         }
         assert_eq!(
-            decode(r#"{"spec": {"nested": "text"}, "kind": 5}"#),
+            decode(r#"{"spec": {"nested": "text"}, "kind": 5}"#).unwrap(),
             json!({"spec": {"nested": "text"}, "kind": 5})
         );
         // Keys are compared unescaped, and a repeated key keeps its last value, as serde_json does.
         assert_eq!(
-            decode(r#"{"k\u0069nd": "first", "kind": "last"}"#),
+            decode(r#"{"k\u0069nd": "first", "kind": "last"}"#).unwrap(),
             json!({"kind": "last"})
         );
-        assert!(OUTLINE.decode("{} {}").is_err());
-        // What is skipped is parsed as strictly as decoding it whole: refused alike, with the same
-        // message.
-        for json in [
-            r#"{"other": [1, 1e400]}"#,
-            r#"{"other": "\ud800"}"#,
-            r#"{"spec": {"skipped": {"\ud800": 1}}}"#,
-        ] {
-            assert_eq!(
-                OUTLINE.decode(json).unwrap_err().to_string(),
-                serde_json::from_str::<Value>(json).unwrap_err().to_string(),
-                "{json}"
-            );
-        }
+        // What is decoded is decoded strictly, what is skipped is only checked to be JSON.
+        assert!(decode(r#"{"kind": 1e400}"#).is_err());
+        assert!(decode(r#"{"other": [1, 1e400], "spec": {"skipped": "\ud800"}}"#).is_ok());
     }
 
     #[test]
