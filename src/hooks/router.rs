@@ -119,11 +119,16 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: UpdateMachineRequest| async move {
-                        let machine = request
-                            .desired
-                            .machine
-                            .as_ref()
-                            .map(object::namespaced_name)
+                        // Only for the log line, which is often filtered out under load.
+                        let machine = tracing::enabled!(tracing::Level::INFO)
+                            .then(|| {
+                                request
+                                    .desired
+                                    .machine
+                                    .as_ref()
+                                    .map(object::namespaced_name)
+                            })
+                            .flatten()
                             .unwrap_or_default();
                         let response = state.update_machine.update_machine(request).await;
                         state.metrics.hook_request(

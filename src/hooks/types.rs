@@ -552,11 +552,50 @@ request_type_meta!(UpdateMachineRequest, Hook::UpdateMachine);
 /// `UpdateMachineRequestObjects`; `None` means missing or `null`. CAPI also sends the
 /// `infrastructureMachine` and the `bootstrapConfig` (with its files, often most of the request);
 /// the upgrade needs neither, and CAPI repeats the call every few seconds while an upgrade runs,
-/// so they are only checked to be JSON, never decoded.
+/// so they are only checked to be JSON, never decoded. Of the Machine, only what the upgrade reads
+/// ([`UPDATE_MACHINE_READS`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct UpdateMachineRequestObjects {
+    #[serde(deserialize_with = "update_machine_reads")]
     pub machine: Option<Value>,
+}
+
+/// What UpdateMachine reads of the desired Machine: which Machine, and which node, cluster and
+/// version to upgrade.
+pub const UPDATE_MACHINE_READS: Outline = Outline::Fields(&[
+    (
+        "metadata",
+        Outline::Fields(&[("name", Outline::Whole), ("namespace", Outline::Whole)]),
+    ),
+    (
+        "spec",
+        Outline::Fields(&[
+            ("clusterName", Outline::Whole),
+            ("version", Outline::Whole),
+            ("providerID", Outline::Whole),
+        ]),
+    ),
+]);
+
+fn update_machine_reads<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Value>, D::Error> {
+    /// The Machine along [`UPDATE_MACHINE_READS`]; `null` reads as missing.
+    struct Machine(Value);
+
+    impl<'de> Deserialize<'de> for Machine {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            Along {
+                outline: &UPDATE_MACHINE_READS,
+                spec: &mut None,
+            }
+            .deserialize(deserializer)
+            .map(Machine)
+        }
+    }
+
+    Ok(Option::<Machine>::deserialize(deserializer)?.map(|machine| machine.0))
 }
 
 /// `failurePolicy` of a handler.
@@ -731,6 +770,29 @@ mod test {
         assert!(request.current.bootstrap_config.is_none());
         assert!(request.current.infrastructure_machine.is_none());
         assert!(request.desired.machine.is_none());
+
+        let update: UpdateMachineRequest = serde_json::from_value(json!({
+            "desired": {
+                "machine": {
+                    "metadata": {"name": "m", "namespace": "ns", "labels": {"a": "b"}},
+                    "spec": {"clusterName": "c", "version": "v1.34.2", "bootstrap": {"x": 1}},
+                    "status": {"phase": "Running"},
+                },
+                "bootstrapConfig": {"spec": {"files": [{"path": "/a"}]}},
+            },
+        }))
+        .unwrap();
+        // Of the Machine only what the upgrade reads; the other objects are only checked to be JSON.
+        assert_eq!(
+            update.desired.machine,
+            Some(json!({
+                "metadata": {"name": "m", "namespace": "ns"},
+                "spec": {"clusterName": "c", "version": "v1.34.2"},
+            }))
+        );
+        let missing: UpdateMachineRequest =
+            serde_json::from_str(r#"{"desired": {"machine": null}}"#).unwrap();
+        assert!(missing.desired.machine.is_none());
 
         let empty: UpdateMachineRequest = serde_json::from_str("{}").unwrap();
         assert_eq!(empty.kind, "");
