@@ -70,12 +70,11 @@ async fn upgrade_once(
         },
     )
     .await?;
-    let client = RuntimeClient::discover(ExtensionConfig {
-        name: "capd-inplace".into(),
-        endpoints: vec![extension.url()],
-        ca_pem: extension.ca_pem()?,
-        settings: BTreeMap::from([("extensionConfigName".into(), "capd-inplace".into())]),
-    })
+    let client = RuntimeClient::discover(ExtensionConfig::capd_inplace(
+        vec![extension.url()],
+        extension.ca_pem()?,
+        [],
+    ))
     .await?;
     let mut workload = Workload::from_sim(&cluster, &args.from);
     workload.max_unavailable = workers;

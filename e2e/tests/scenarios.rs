@@ -40,19 +40,11 @@ async fn client(
     endpoints: Vec<String>,
     settings: &[(&str, &str)],
 ) -> RuntimeClient {
-    RuntimeClient::discover(ExtensionConfig {
-        name: "capd-inplace".into(),
+    RuntimeClient::discover(ExtensionConfig::capd_inplace(
         endpoints,
-        ca_pem: extension.ca_pem().unwrap(),
-        settings: settings
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .chain([(
-                "extensionConfigName".to_string(),
-                "capd-inplace".to_string(),
-            )])
-            .collect(),
-    })
+        extension.ca_pem().unwrap(),
+        settings.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    ))
     .await
     .unwrap()
 }

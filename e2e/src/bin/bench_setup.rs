@@ -12,7 +12,6 @@
 //!   cluster is left running (the script removes it with `simcluster down CLUSTER`), and so are
 //!   the upgrades, inside the extension.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,8 +20,6 @@ use capd_inplace_e2e::driver::{
 };
 use capd_inplace_e2e::sim::{Fault, Role, SimCluster};
 
-/// The ExtensionConfig name CAPI would register the extension under.
-const EXTENSION_CONFIG: &str = "capd-inplace";
 /// How long the workers may take to reach the delayed step (staging ten nodes on two cores).
 const PARK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -97,19 +94,12 @@ impl InFlight<'_> {
     async fn upgrade(&self, cluster: &SimCluster) -> anyhow::Result<(String, Vec<u8>)> {
         // The mirror is the cluster's, so the setting CAPI would pass from the ExtensionConfig
         // points the extension there; the extension itself was started before the cluster.
-        let settings = BTreeMap::from([
-            ("artifactURL".to_string(), cluster.mirror().host_url.clone()),
-            (
-                "extensionConfigName".to_string(),
-                EXTENSION_CONFIG.to_string(),
-            ),
-        ]);
-        let client = RuntimeClient::discover(ExtensionConfig {
-            name: EXTENSION_CONFIG.into(),
-            endpoints: vec![self.url.to_string()],
-            ca_pem: self.ca_pem.clone(),
+        let settings = [("artifactURL".to_string(), cluster.mirror().host_url.clone())];
+        let client = RuntimeClient::discover(ExtensionConfig::capd_inplace(
+            vec![self.url.to_string()],
+            self.ca_pem.clone(),
             settings,
-        })
+        ))
         .await?;
         let driver = Driver::new(
             client,

@@ -184,6 +184,27 @@ pub struct ExtensionConfig {
     pub settings: BTreeMap<String, String>,
 }
 
+impl ExtensionConfig {
+    /// capd-inplace registered as upstream's e2e registers its test extension: named
+    /// `capd-inplace`, with `extensionConfigName` set to that name among its `settings`.
+    pub fn capd_inplace(
+        endpoints: Vec<String>,
+        ca_pem: String,
+        settings: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        const NAME: &str = "capd-inplace";
+        ExtensionConfig {
+            name: NAME.into(),
+            endpoints,
+            ca_pem,
+            settings: settings
+                .into_iter()
+                .chain([("extensionConfigName".to_string(), NAME.to_string())])
+                .collect(),
+        }
+    }
+}
+
 /// One HTTP exchange, kept for assertions.
 #[derive(Debug, Clone)]
 pub struct CallRecord {
