@@ -71,6 +71,17 @@ async fn kubelet_needs_reload(f: &Fixture, node: &str) -> String {
     stdout(f, node, &argv).await
 }
 
+/// When systemd last loaded its units: at boot, and again at every `daemon-reload`.
+async fn units_loaded_at(f: &Fixture, node: &str) -> String {
+    let argv = [
+        "systemctl",
+        "show",
+        "--property=UnitsLoadTimestampMonotonic",
+        "--value",
+    ];
+    stdout(f, node, &argv).await
+}
+
 /// Asserts everything a finished upgrade must leave behind on `node`.
 async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: bool) {
     assert_eq!(
@@ -186,6 +197,8 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
         .await
         .unwrap();
     assert_eq!(kubelet_needs_reload(&f, &worker).await, "yes");
+    let cp_units_loaded = units_loaded_at(&f, &cp).await;
+    let worker_units_loaded = units_loaded_at(&f, &worker).await;
 
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = {
@@ -225,6 +238,9 @@ async fn minor_upgrade_of_a_control_plane_and_a_worker() {
     for node in [&cp, &worker] {
         assert_eq!(kubelet_needs_reload(&f, node).await, "no");
     }
+    // The worker's units were reloaded; the control plane's, where no unit changed, were not.
+    assert_ne!(units_loaded_at(&f, &worker).await, worker_units_loaded);
+    assert_eq!(units_loaded_at(&f, &cp).await, cp_units_loaded);
     assert_eq!(
         f.cluster.cluster_version().await.unwrap().to_string(),
         "v1.32.3"
