@@ -69,18 +69,36 @@ impl Variant {
 struct Bench {
     capd_inplace: PathBuf,
     to: String,
-    /// The three published files on the host, fully written (not sparse), laid out as
-    /// `<dir>/capd-inplace/<version>/bin/<tool>` so that one `docker cp` per node places them.
-    floor_source: PathBuf,
-    sizes: Vec<u64>,
-    /// Holds `floor_source` and the cold caches.
-    _work: tempfile::TempDir,
-    work: PathBuf,
+    /// The published sizes of kubeadm, kubelet and kubectl.
+    sizes: [u64; 3],
+    /// Holds the floor's source and the cold caches.
+    work: tempfile::TempDir,
 }
 
 impl Bench {
     fn staged_dir(&self) -> String {
         format!("{STAGE_ROOT}/{}/bin", self.to)
+    }
+
+    /// The three published files on the host, fully written (not sparse), laid out as
+    /// `<dir>/capd-inplace/<version>/bin/<tool>` so that one `docker cp` per node places them.
+    fn floor_source(&self) -> PathBuf {
+        self.work.path().join("floor")
+    }
+
+    /// Copies the published files into [`Bench::floor_source`]; returns their sizes.
+    fn write_floor_source(work: &Path, to: &str, published: &Path) -> anyhow::Result<[u64; 3]> {
+        let bin = work.join("floor/capd-inplace").join(to).join("bin");
+        std::fs::create_dir_all(&bin)?;
+        let mut sizes = [0; 3];
+        for (size, tool) in sizes.iter_mut().zip(TOOLS) {
+            *size = write_dense_copy(&published.join(tool), &bin.join(tool))?;
+        }
+        Ok(sizes)
+    }
+
+    fn total_size(&self) -> u64 {
+        self.sizes.iter().sum()
     }
 
     async fn run(&self, cluster: &SimCluster, variant: Variant) -> anyhow::Result<Measured> {
@@ -89,7 +107,7 @@ impl Bench {
         // them back here keeps that cost out of the next variant's time.
         run_ok(tokio::process::Command::new("sync"), "sync").await?;
         let served_before = cluster.mirror_served().await?.len();
-        let cache = self.work.join(format!("cache-{}", cluster.name()));
+        let cache = self.work.path().join(format!("cache-{}", cluster.name()));
         let start = Instant::now();
         match variant {
             Variant::Cold | Variant::Warm => {
@@ -128,7 +146,7 @@ impl Bench {
     }
 
     async fn docker_cp(&self, cluster: &SimCluster) -> anyhow::Result<()> {
-        let source = self.floor_source.join("capd-inplace");
+        let source = self.floor_source().join("capd-inplace");
         let copies = cluster.nodes().iter().map(|node| {
             let mut command = tokio::process::Command::new("docker");
             command
@@ -263,20 +281,13 @@ async fn main() -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("capd-inplace-bench-staging-")
         .tempdir()?;
-    let floor_bin = work
-        .path()
-        .join("floor/capd-inplace")
-        .join(&args.to)
-        .join("bin");
-    std::fs::create_dir_all(&floor_bin)?;
-    let mut sizes = Vec::new();
-    for tool in TOOLS {
-        sizes.push(write_dense_copy(
-            &published.join(tool),
-            &floor_bin.join(tool),
-        )?);
-    }
-    let total: u64 = sizes.iter().sum();
+    let sizes = Bench::write_floor_source(work.path(), &args.to, &published)?;
+    let bench = Bench {
+        capd_inplace,
+        to: args.to.clone(),
+        sizes,
+        work,
+    };
 
     progress.say(format!(
         "creating clusters of {:?} nodes in parallel",
@@ -295,19 +306,11 @@ async fn main() -> anyhow::Result<()> {
     let setup = setup.elapsed();
     progress.say(format!("clusters up in {}s", secs(setup)));
 
-    let bench = Bench {
-        capd_inplace,
-        to: args.to.clone(),
-        floor_source: work.path().join("floor"),
-        sizes: sizes.clone(),
-        work: work.path().to_path_buf(),
-        _work: work,
-    };
     let mut results: Vec<Row> = Vec::new();
     for (cluster, &n) in clusters.iter().zip(&args.counts) {
         // A cache is cold once; the other variants run ROUNDS times, interleaved so that a
         // change in the machine's background load hits each of them, and report their median.
-        let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); Variant::ALL.len()];
+        let mut rounds: [Vec<Measured>; Variant::ALL.len()] = Default::default();
         let mut hashing = (Duration::ZERO, Duration::ZERO);
         for round in 0..ROUNDS {
             for (index, variant) in Variant::ALL.into_iter().enumerate() {
@@ -329,7 +332,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        let measured = rounds.into_iter().map(median).collect();
+        let measured = rounds.map(median);
         clean(cluster).await?;
         results.push(Row {
             nodes: n,
@@ -341,7 +344,7 @@ async fn main() -> anyhow::Result<()> {
         cluster.down().await?;
     }
 
-    print_report(&args, &sizes, total, setup, progress.elapsed(), &results);
+    print_report(&args, &bench, setup, progress.elapsed(), &results);
     Ok(())
 }
 
@@ -362,18 +365,12 @@ fn median(mut rounds: Vec<Measured>) -> Measured {
 /// times (sha256sum, openssl) of the staged files in every node at once.
 struct Row {
     nodes: usize,
-    measured: Vec<Measured>,
+    measured: [Measured; 4],
     hashing: (Duration, Duration),
 }
 
-fn print_report(
-    args: &Args,
-    sizes: &[u64],
-    total: u64,
-    setup: Duration,
-    runtime: Duration,
-    results: &[Row],
-) {
+fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, results: &[Row]) {
+    let (sizes, total) = (bench.sizes, bench.total_size());
     let mut out = String::new();
     out.push_str("### Staging: capd-inplace against docker cp and curl\n\n");
     out.push_str(&format!("Command: `{}`\n\n", args.invoked_as));
@@ -425,7 +422,7 @@ fn print_report(
         hashing: (sha256sum, openssl),
     } in results
     {
-        let [cold, warm, cp, curl] = [row[0], row[1], row[2], row[3]];
+        let [cold, warm, cp, curl] = *row;
         // docker cp followed by the verification the stage step does in the node: the floor
         // for a transfer that is checked before anything uses it.
         let verified_cp = cp.wall + *openssl;
