@@ -87,7 +87,18 @@ impl Decision {
 pub fn can_update_machine(
     request: &CanUpdateMachineRequest,
 ) -> (CanUpdateMachineResponse, &'static str) {
-    let decision = decide(
+    let decision = machine_decision(request);
+    let mut response = CanUpdateMachineResponse::new(ResponseStatus::Success, decision.message);
+    if let Some(patches) = decision.patches {
+        response.machine_patch = to_patch(&patches.owner);
+        response.infrastructure_machine_patch = to_patch(&patches.infrastructure);
+        response.bootstrap_config_patch = to_patch(&patches.bootstrap);
+    }
+    (response, decision.reason)
+}
+
+fn machine_decision(request: &CanUpdateMachineRequest) -> Decision {
+    decide(
         &MACHINE,
         &request.settings,
         Objects {
@@ -100,14 +111,7 @@ pub fn can_update_machine(
             infrastructure: request.desired.infrastructure_machine.as_ref(),
             bootstrap: request.desired.bootstrap_config.as_ref(),
         },
-    );
-    let mut response = CanUpdateMachineResponse::new(ResponseStatus::Success, decision.message);
-    if let Some(patches) = decision.patches {
-        response.machine_patch = to_patch(&patches.owner);
-        response.infrastructure_machine_patch = to_patch(&patches.infrastructure);
-        response.bootstrap_config_patch = to_patch(&patches.bootstrap);
-    }
-    (response, decision.reason)
+    )
 }
 
 /// Answers CanUpdateMachineSet; also returns the decision's reason label, for metrics.
@@ -813,26 +817,25 @@ mod test {
         accepted: bool,
     }
 
-    fn run(case: &Case) -> Decision {
-        let settings = case
+    /// The request a case sends, as KubeadmControlPlane puts it on the wire.
+    fn request_body(case: &Case) -> Value {
+        let wire = |side: &(Value, Value, Option<Value>)| json!({"machine": side.0, "infrastructureMachine": side.1, "bootstrapConfig": side.2});
+        let settings: serde_json::Map<String, Value> = case
             .settings
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
             .collect();
-        decide(
-            &MACHINE,
-            &settings,
-            Objects {
-                owner: Some(&case.current.0),
-                infrastructure: Some(&case.current.1),
-                bootstrap: case.current.2.as_ref(),
-            },
-            Objects {
-                owner: Some(&case.desired.0),
-                infrastructure: Some(&case.desired.1),
-                bootstrap: case.desired.2.as_ref(),
-            },
-        )
+        json!({
+            "settings": settings,
+            "current": wire(&case.current),
+            "desired": wire(&case.desired),
+        })
+    }
+
+    /// The decision on a case's request, read as it is served.
+    fn run(case: &Case) -> Decision {
+        let body = request_body(case).to_string();
+        machine_decision(&serde_json::from_str(&body).unwrap())
     }
 
     #[test]
@@ -1125,19 +1128,9 @@ mod test {
         for case in &cases {
             let decision = run(case);
             assert_eq!(decision.message, case.message, "case {:?}", case.name);
-            let wire = |side: &(Value, Value, Option<Value>)| json!({"machine": side.0, "infrastructureMachine": side.1, "bootstrapConfig": side.2});
-            let settings: serde_json::Map<String, Value> = case
-                .settings
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), json!(v)))
-                .collect();
-            let body = json!({
-                "settings": settings,
-                "current": wire(&case.current),
-                "desired": wire(&case.desired),
-            });
+            // Objects decoded whole get the very same answer.
             assert_eq!(
-                machine_answer(&body),
+                machine_answer(&request_body(case)),
                 decision.message,
                 "case {:?}",
                 case.name
