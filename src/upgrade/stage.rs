@@ -3,9 +3,7 @@
 //! it first; `capd-inplace stage` runs it alone, ahead of a maintenance window.
 
 use super::journal::Paths;
-use super::run::{
-    Source, Timeouts, exec_ok, next_answer, parse_version, stdout_of, version_command,
-};
+use super::run::{Source, Timeouts, next_answer, parse_version, stdout_of, version_command};
 use super::{Error, Result};
 use crate::artifacts::{Arch, Binary, KubeBinaries};
 use crate::node::{Batch, Command, DockerNode, ExecOutput, NodeExec, UploadFile};
@@ -85,7 +83,7 @@ impl<'a> Staging<'a> {
                     .collect();
                 let mut batch = Batch::new(self.timeouts.command);
                 for (_, url) in &urls {
-                    batch.push(&curl(url, None));
+                    batch.push(&curl(url));
                 }
                 let answers = batch.run(&self.node).await?;
                 for ((binary, url), answer) in urls.into_iter().zip(answers) {
@@ -155,7 +153,6 @@ impl<'a> Staging<'a> {
     /// Places the binaries under the journal directory: uploaded from the verified cache, or
     /// fetched by the node itself and checked before they are moved into place.
     pub(super) async fn stage(&mut self) -> Result<()> {
-        let quick = self.timeouts.command;
         let bin_dir = self.paths.bin_dir();
         match self.source.clone() {
             Source::Upload(cache) => {
@@ -176,53 +173,66 @@ impl<'a> Staging<'a> {
                 self.node.upload(&bin_dir, files).await?;
             }
             Source::FetchInNode { base_url } => {
-                exec_ok(
-                    &self.node,
-                    Command::new(["mkdir", "-p", bin_dir.as_str()]),
-                    quick,
-                )
-                .await?;
-                for (binary, digest) in self.digests.clone() {
-                    let url = release_url(&base_url, &self.version, self.arch, binary);
-                    let staged = self.paths.staged(binary.name());
-                    let partial = format!("{staged}.part");
-                    exec_ok(
-                        &self.node,
-                        curl(&url, Some(&partial)),
-                        self.timeouts.kubeadm,
-                    )
+                let mut command = Command::new(["sh", "-c", FETCH_VERIFIED, "sh", &bin_dir]);
+                for (binary, digest) in &self.digests {
+                    let url = release_url(&base_url, &self.version, self.arch, *binary);
+                    command = command.args([url, self.paths.staged(binary.name()), digest.clone()]);
+                }
+                let output = self
+                    .node
+                    .exec(command.timeout(self.timeouts.kubeadm))
                     .await?;
-                    let sum = exec_ok(&self.node, hash_command([partial.as_str()]), quick).await?;
-                    if sum.lines().next().and_then(hash_line).map(|(hex, _)| hex)
-                        != Some(digest.as_str())
-                    {
-                        let _ = self
-                            .node
-                            .exec(Command::new(["rm", "-f", partial.as_str()]).timeout(quick))
-                            .await;
-                        return Err(Error::ChecksumMismatch {
-                            url,
-                            expected: digest,
-                        });
+                match output.exit_code {
+                    0 => {}
+                    FETCHED_WRONG_BYTES => {
+                        let url = String::from_utf8_lossy(&output.stdout).trim().to_string();
+                        let expected = self
+                            .digests
+                            .iter()
+                            .find(|(binary, _)| {
+                                url == release_url(&base_url, &self.version, self.arch, *binary)
+                            })
+                            .map(|(_, digest)| digest.clone())
+                            .unwrap_or_default();
+                        return Err(Error::ChecksumMismatch { url, expected });
                     }
-                    exec_ok(
-                        &self.node,
-                        Command::new(["chmod", "0755", partial.as_str()]),
-                        quick,
-                    )
-                    .await?;
-                    exec_ok(
-                        &self.node,
-                        Command::new(["mv", "-f", partial.as_str(), staged.as_str()]),
-                        quick,
-                    )
-                    .await?;
+                    _ => return Err(output.into_error(self.node.name()).into()),
                 }
             }
         }
         Ok(())
     }
 }
+
+/// Downloads binaries in the node, each kept only if its sha256 is the published one, in one exec.
+/// Arguments: the directory, then `<url> <staged path> <sha256>` per binary. A download lands in
+/// `<staged path>.part` and is renamed into place only once its digest matches, so a partial or
+/// wrong file is never staged. On a wrong digest the script removes the download, prints its URL
+/// and exits with [`FETCHED_WRONG_BYTES`]; a failed download fails the script (`set -e`).
+const FETCH_VERIFIED: &str = r#"set -e
+mkdir -p "$1"
+shift
+while [ $# -gt 0 ]; do
+  part="$2.part"
+  curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "$1"
+  if command -v openssl >/dev/null 2>&1; then
+    sum=$(openssl dgst -sha256 -r "$part")
+  else
+    sum=$(sha256sum -- "$part")
+  fi
+  if [ "${sum%% *}" != "$3" ]; then
+    rm -f "$part"
+    echo "$1"
+    exit 3
+  fi
+  chmod 0755 "$part"
+  mv -f "$part" "$2"
+  shift 3
+done
+"#;
+
+/// [`FETCH_VERIFIED`]'s exit code for a download whose sha256 is not the published one.
+const FETCHED_WRONG_BYTES: i64 = 3;
 
 /// Prints `<sha256 hex> <path>` for each existing file among its arguments. OpenSSL's sha256 uses
 /// the CPU's SHA extensions where coreutils' `sha256sum` does not: about four times faster on
@@ -246,12 +256,9 @@ fn hash_line(line: &str) -> Option<(&str, &str)> {
     Some((digest, path))
 }
 
-fn curl(url: &str, output: Option<&str>) -> Command {
-    let command = Command::new(["curl", "-fsSL", "--retry", "3", "--connect-timeout", "10"]);
-    match output {
-        Some(path) => command.args(["-o", path, url]),
-        None => command.arg(url),
-    }
+/// Prints what `url` holds, with the same curl options as [`FETCH_VERIFIED`].
+fn curl(url: &str) -> Command {
+    Command::new(["curl", "-fsSL", "--retry", "3", "--connect-timeout", "10", url])
 }
 
 fn release_url(base: &str, version: &KubeVersion, arch: Arch, binary: Binary) -> String {
@@ -328,6 +335,105 @@ mod tests {
                 "{path:?}"
             );
         }
+    }
+
+    /// Runs [`FETCH_VERIFIED`] with the host's `sh`, a `curl` that copies from `mirror` (by the
+    /// URL's last segment), and `(url, staged path, sha256)` per binary.
+    fn fetch_verified_on_host(
+        mirror: &std::path::Path,
+        dir: &std::path::Path,
+        binaries: &[(&str, &std::path::Path, &str)],
+    ) -> std::process::Output {
+        use std::os::unix::fs::PermissionsExt;
+        let fake = mirror.join("fake-bin");
+        std::fs::create_dir_all(&fake).unwrap();
+        let curl = fake.join("curl");
+        std::fs::write(
+            &curl,
+            "#!/bin/sh\nfor url; do :; done\n\
+             while [ $# -gt 0 ]; do [ \"$1\" = -o ] && out=$2; shift; done\n\
+             cp \"$MIRROR/${url##*/}\" \"$out\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&curl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            fake.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut command = std::process::Command::new("/bin/sh");
+        command.args(["-c", FETCH_VERIFIED, "sh"]).arg(dir);
+        for (url, staged, digest) in binaries {
+            command.arg(url).arg(staged).arg(digest);
+        }
+        command
+            .env("PATH", path)
+            .env("MIRROR", mirror)
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn fetched_binaries_are_staged_only_with_their_published_digest() {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::PermissionsExt;
+        let mirror = tempfile::tempdir().unwrap();
+        std::fs::write(mirror.path().join("kubeadm"), b"kubeadm bytes").unwrap();
+        std::fs::write(mirror.path().join("kubelet"), b"kubelet bytes").unwrap();
+        let kubeadm_sum = hex::encode(Sha256::digest(b"kubeadm bytes"));
+        let kubelet_sum = hex::encode(Sha256::digest(b"kubelet bytes"));
+        let node = tempfile::tempdir().unwrap();
+        let dir = node.path().join("v1.32.3/bin");
+        let (kubeadm, kubelet) = (dir.join("kubeadm"), dir.join("kubelet"));
+        let url = |name: &str| format!("http://mirror/v1.32.3/bin/linux/amd64/{name}");
+
+        // The second download has other bytes than published: it is removed, not staged, and
+        // named; the first, checked before it, stays.
+        let wrong = "0".repeat(64);
+        let output = fetch_verified_on_host(
+            mirror.path(),
+            &dir,
+            &[
+                (&url("kubeadm"), &kubeadm, &kubeadm_sum),
+                (&url("kubelet"), &kubelet, &wrong),
+            ],
+        );
+        assert_eq!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            url("kubelet")
+        );
+        assert!(kubeadm.exists());
+        assert!(!kubelet.exists());
+        assert!(!dir.join("kubelet.part").exists());
+
+        // A download that fails fails the script, with nothing staged.
+        let output = fetch_verified_on_host(
+            mirror.path(),
+            &dir,
+            &[(&url("kubectl"), &dir.join("kubectl"), &kubeadm_sum)],
+        );
+        assert!(!output.status.success());
+        assert_ne!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
+        assert!(!dir.join("kubectl").exists());
+
+        // Right digests: staged, executable, no partial file left.
+        let output = fetch_verified_on_host(
+            mirror.path(),
+            &dir,
+            &[
+                (&url("kubeadm"), &kubeadm, &kubeadm_sum),
+                (&url("kubelet"), &kubelet, &kubelet_sum),
+            ],
+        );
+        assert!(output.status.success(), "{output:?}");
+        for staged in [&kubeadm, &kubelet] {
+            let mode = std::fs::metadata(staged).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o755, "{}", staged.display());
+        }
+        assert_eq!(std::fs::read(&kubelet).unwrap(), b"kubelet bytes");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 2, "{left:?}");
     }
 
     #[test]
