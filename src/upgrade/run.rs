@@ -856,7 +856,8 @@ impl<'a> Session<'a> {
     }
 
     /// Writes the journal if it changed, and releases the lease, in one exec. The release
-    /// happens whether or not the write succeeded; a failed write is the error.
+    /// happens whether or not the write succeeded; a failed write is the error, a failed release
+    /// only a warning (the lease expires by itself).
     async fn finish(&mut self) -> Result<()> {
         let Some(lease) = self.lease.take() else {
             return Ok(());
@@ -873,7 +874,15 @@ impl<'a> Session<'a> {
         batch.push(&lease.release_command());
         // Stop renewing first, or a renewal could re-take the lease right after the release.
         drop(lease);
-        let mut answers = batch.run(&self.node).await?.into_iter();
+        let mut answers = match batch.run(&self.node).await {
+            Ok(answers) => answers.into_iter(),
+            // With nothing to record, only the release failed (say, the node just went away).
+            Err(e) if journal.is_none() => {
+                warn!(error = %e, "could not release the node lease; it expires by itself");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let written = journal
             .map(|_| stdout_of(next_answer(&mut answers), self.node.name()))
             .transpose();

@@ -258,7 +258,15 @@ fn hash_line(line: &str) -> Option<(&str, &str)> {
 
 /// Prints what `url` holds, with the same curl options as [`FETCH_VERIFIED`].
 fn curl(url: &str) -> Command {
-    Command::new(["curl", "-fsSL", "--retry", "3", "--connect-timeout", "10", url])
+    Command::new([
+        "curl",
+        "-fsSL",
+        "--retry",
+        "3",
+        "--connect-timeout",
+        "10",
+        url,
+    ])
 }
 
 fn release_url(base: &str, version: &KubeVersion, arch: Arch, binary: Binary) -> String {
