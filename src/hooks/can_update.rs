@@ -1475,6 +1475,32 @@ mod test {
         }
     }
 
+    /// Where [`Outline::Spec`] is in `outline`, if anywhere.
+    fn spec_marker(outline: &Outline) -> Option<Vec<&'static str>> {
+        match outline {
+            Outline::Spec => Some(Vec::new()),
+            Outline::Whole => None,
+            Outline::Fields(fields) => fields.iter().find_map(|(name, field)| {
+                let mut path = spec_marker(field)?;
+                path.insert(0, *name);
+                Some(path)
+            }),
+        }
+    }
+
+    #[test]
+    fn reads_keep_the_spec_the_decision_compares() {
+        for (reads, shape) in [(&MACHINE_READS, &MACHINE), (&MACHINE_SET_READS, &MACHINE_SET)] {
+            assert_eq!(reads.spec_path, shape.spec_path, "{}", shape.owner_kind);
+            assert_eq!(
+                spec_marker(&reads.object).as_deref(),
+                Some(shape.spec_path),
+                "{}",
+                shape.owner_kind
+            );
+        }
+    }
+
     #[test]
     fn json_pointer_escapes() {
         assert_eq!(json_pointer(&["spec", "a/b", "c~d"]), "/spec/a~1b/c~0d");
