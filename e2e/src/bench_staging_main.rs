@@ -83,12 +83,15 @@ impl Bench {
     /// The three published files on the host, fully written (not sparse), laid out as
     /// `<dir>/capd-inplace/<version>/bin/<tool>` so that one `docker cp` per node places them.
     fn floor_source(&self) -> PathBuf {
-        self.work.path().join("floor")
+        floor_source_in(self.work.path())
     }
 
     /// Copies the published files into [`Bench::floor_source`]; returns their sizes.
     fn write_floor_source(work: &Path, to: &str, published: &Path) -> anyhow::Result<[u64; 3]> {
-        let bin = work.join("floor/capd-inplace").join(to).join("bin");
+        let bin = floor_source_in(work)
+            .join("capd-inplace")
+            .join(to)
+            .join("bin");
         std::fs::create_dir_all(&bin)?;
         let mut sizes = [0; 3];
         for (size, tool) in sizes.iter_mut().zip(TOOLS) {
@@ -222,6 +225,11 @@ impl Bench {
         futures::future::try_join_all(checks).await?;
         Ok(())
     }
+}
+
+/// Where [`Bench::floor_source`] is in the work directory.
+fn floor_source_in(work: &Path) -> PathBuf {
+    work.join("floor")
 }
 
 /// Removes everything staged, so each variant starts from the same empty node.
@@ -365,7 +373,7 @@ fn median(mut rounds: Vec<Measured>) -> Measured {
 /// times (sha256sum, openssl) of the staged files in every node at once.
 struct Row {
     nodes: usize,
-    measured: [Measured; 4],
+    measured: [Measured; Variant::ALL.len()],
     hashing: (Duration, Duration),
 }
 

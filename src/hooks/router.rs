@@ -119,7 +119,7 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: UpdateMachineRequest| async move {
-                        // Only for the log line, which is often filtered out under load.
+                        // Only for the log line, so not built when the log level is above info.
                         let machine = tracing::enabled!(tracing::Level::INFO)
                             .then(|| {
                                 request

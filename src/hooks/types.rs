@@ -219,17 +219,17 @@ pub struct Reads {
 }
 
 /// A request whose objects are decoded along [`Reads`]; the decision says which.
-pub trait ReadAlong {
+pub trait CanUpdateReads {
     const READS: &'static Reads;
 }
 
 /// Decodes a value along an outline, keeping the text at [`Outline::Spec`] in `spec`.
-struct Along<'s> {
+struct OutlineSeed<'s> {
     outline: &'static Outline,
     spec: &'s mut Option<Box<RawValue>>,
 }
 
-impl<'de> DeserializeSeed<'de> for Along<'_> {
+impl<'de> DeserializeSeed<'de> for OutlineSeed<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
@@ -267,7 +267,7 @@ impl<'de> Visitor<'de> for FieldsVisitor<'_> {
             match field {
                 // A repeated field keeps its last value, as serde_json's own `Value` does.
                 Some((name, outline)) => {
-                    let value = map.next_value_seed(Along {
+                    let value = map.next_value_seed(OutlineSeed {
                         outline,
                         spec: &mut *self.spec,
                     })?;
@@ -342,7 +342,7 @@ fn decode_spec(outline: &'static Outline, spec: &RawValue) -> Result<Value, serd
         return Ok(Value::Object(Map::new()));
     }
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let value = Along {
+    let value = OutlineSeed {
         outline,
         spec: &mut None,
     }
@@ -351,53 +351,56 @@ fn decode_spec(outline: &'static Outline, spec: &RawValue) -> Result<Value, serd
     Ok(value)
 }
 
-/// One object of a CanUpdate request as it was read: its outline, and its spec as text.
+/// One object of a CanUpdate request as it was read: its fields along the outline, and its spec
+/// as text.
 struct ReadObject<R> {
-    outline: Value,
+    partial: Value,
     spec: Option<Box<RawValue>>,
     request: PhantomData<R>,
 }
 
-impl<'de, R: ReadAlong> Deserialize<'de> for ReadObject<R> {
+impl<'de, R: CanUpdateReads> Deserialize<'de> for ReadObject<R> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let mut spec = None;
-        let outline = Along {
+        let partial = OutlineSeed {
             outline: &R::READS.object,
             spec: &mut spec,
         }
         .deserialize(deserializer)?;
         Ok(Self {
-            outline,
+            partial,
             spec,
             request: PhantomData,
         })
     }
 }
 
-impl<R: ReadAlong> ReadObject<R> {
+impl<R: CanUpdateReads> ReadObject<R> {
     /// The object with its spec in place: `unchanged` when both sides had the same spec text,
-    /// else the spec decoded whole.
+    /// else the spec decoded whole. A spec whose place a repeated key took away is dropped, as
+    /// decoding the whole object would.
     fn finish(self, unchanged: Option<&Value>) -> Result<Value, serde_json::Error> {
-        let mut value = self.outline;
-        if let Some(text) = self.spec {
-            let spec = match unchanged {
+        let mut value = self.partial;
+        if let (Some(text), Some(placeholder)) =
+            (self.spec, object::get_mut(&mut value, R::READS.spec_path))
+        {
+            *placeholder = match unchanged {
                 Some(spec) => spec.clone(),
                 None => serde_json::from_str(text.get())?,
             };
-            if let Some(placeholder) = object::get_mut(&mut value, R::READS.spec_path) {
-                *placeholder = spec;
-            }
         }
         Ok(value)
     }
 }
 
-/// Decodes the specs of one current/desired pair of objects, once when they are the same text.
-fn decode_pair<R: ReadAlong>(
+/// Decodes the specs of one current/desired pair of objects (`name` on the wire), once when they
+/// are the same text. An error says whose spec it was; its position counts from the spec.
+fn decode_pair<R: CanUpdateReads>(
+    name: &str,
     current: Option<ReadObject<R>>,
     desired: Option<ReadObject<R>>,
     unchanged: &'static Outline,
-) -> Result<(Option<Value>, Option<Value>), serde_json::Error> {
+) -> Result<(Option<Value>, Option<Value>), String> {
     let unchanged = match (&current, &desired) {
         (
             Some(ReadObject {
@@ -408,17 +411,19 @@ fn decode_pair<R: ReadAlong>(
                 spec: Some(desired_spec),
                 ..
             }),
-        ) if current_spec.get() == desired_spec.get() => {
-            Some(decode_spec(unchanged, current_spec)?)
-        }
+        ) if current_spec.get() == desired_spec.get() => Some(
+            decode_spec(unchanged, current_spec)
+                .map_err(|err| format!("current and desired {name} spec: {err}"))?,
+        ),
         _ => None,
     };
-    let finish = |object: Option<ReadObject<R>>| {
+    let finish = |side: &str, object: Option<ReadObject<R>>| {
         object
             .map(|object| object.finish(unchanged.as_ref()))
             .transpose()
+            .map_err(|err| format!("{side} {name} spec: {err}"))
     };
-    Ok((finish(current)?, finish(desired)?))
+    Ok((finish("current", current)?, finish("desired", desired)?))
 }
 
 /// A CanUpdate request as it is read, its objects (`O`, one side's) not yet complete.
@@ -449,8 +454,11 @@ macro_rules! can_update_request {
         $(#[$doc:meta])*
         $request:ident, $hook:expr,
         $(#[$objects_doc:meta])*
-        $objects:ident, $raw:ident, { $owner:ident, $infrastructure:ident, $bootstrap:ident $(,)? },
-        // serde's attributes take string literals only, so the name comes again as text.
+        $objects:ident, $raw:ident,
+        { $owner:ident, $infrastructure:ident, $bootstrap:ident $(,)? },
+        // The objects' names on the wire, for errors; and, since serde's attributes take string
+        // literals only, the objects type's name again as text.
+        names = [$owner_name:literal, $infrastructure_name:literal, $bootstrap_name:literal],
         expecting = $expecting:literal $(,)?
     ) => {
         $(#[$doc])*
@@ -484,18 +492,29 @@ macro_rules! can_update_request {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 let raw = RawCanUpdateRequest::<$raw>::deserialize(deserializer)?;
                 let (current, desired) = (raw.current, raw.desired);
-                let reads = <$request as ReadAlong>::READS;
-                let pair = |current, desired, unchanged| {
-                    decode_pair(current, desired, unchanged).map_err(serde::de::Error::custom)
+                let reads = <$request as CanUpdateReads>::READS;
+                let pair = |name, current, desired, unchanged| {
+                    decode_pair(name, current, desired, unchanged)
+                        .map_err(serde::de::Error::custom)
                 };
-                let owner = pair(current.$owner, desired.$owner, &reads.unchanged_owner)?;
+                let owner = pair(
+                    $owner_name,
+                    current.$owner,
+                    desired.$owner,
+                    &reads.unchanged_owner,
+                )?;
                 let infrastructure = pair(
+                    $infrastructure_name,
                     current.$infrastructure,
                     desired.$infrastructure,
                     &reads.unchanged_infrastructure,
                 )?;
-                let bootstrap =
-                    pair(current.$bootstrap, desired.$bootstrap, &reads.unchanged_bootstrap)?;
+                let bootstrap = pair(
+                    $bootstrap_name,
+                    current.$bootstrap,
+                    desired.$bootstrap,
+                    &reads.unchanged_bootstrap,
+                )?;
                 Ok($request {
                     api_version: raw.api_version,
                     kind: raw.kind,
@@ -522,6 +541,7 @@ can_update_request!(
     /// `CanUpdateMachineRequestObjects`; `None` means missing or `null`.
     CanUpdateMachineRequestObjects, RawMachineObjects,
     { machine, infrastructure_machine, bootstrap_config },
+    names = ["machine", "infrastructureMachine", "bootstrapConfig"],
     expecting = "struct CanUpdateMachineRequestObjects",
 );
 
@@ -531,6 +551,7 @@ can_update_request!(
     /// `CanUpdateMachineSetRequestObjects`; `None` means missing or `null`.
     CanUpdateMachineSetRequestObjects, RawMachineSetObjects,
     { machine_set, infrastructure_machine_template, bootstrap_config_template },
+    names = ["machineSet", "infrastructureMachineTemplate", "bootstrapConfigTemplate"],
     expecting = "struct CanUpdateMachineSetRequestObjects",
 );
 
@@ -586,7 +607,7 @@ fn update_machine_reads<'de, D: Deserializer<'de>>(
 
     impl<'de> Deserialize<'de> for Machine {
         fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            Along {
+            OutlineSeed {
                 outline: &UPDATE_MACHINE_READS,
                 spec: &mut None,
             }
@@ -816,7 +837,7 @@ mod test {
         unchanged_bootstrap: Outline::Whole,
     };
 
-    impl ReadAlong for Test {
+    impl CanUpdateReads for Test {
         const READS: &'static Reads = &TEST_READS;
     }
 
@@ -825,9 +846,9 @@ mod test {
         current: &str,
         desired: &str,
         unchanged: &'static Outline,
-    ) -> Result<(Option<Value>, Option<Value>), serde_json::Error> {
-        let read = |json| serde_json::from_str::<ReadObject<Test>>(json);
-        decode_pair(Some(read(current)?), Some(read(desired)?), unchanged)
+    ) -> Result<(Option<Value>, Option<Value>), String> {
+        let read = |json| serde_json::from_str::<ReadObject<Test>>(json).unwrap();
+        decode_pair("test", Some(read(current)), Some(read(desired)), unchanged)
     }
 
     #[test]
@@ -900,6 +921,18 @@ mod test {
         assert_eq!(
             current.machine,
             Some(json!({"spec": {"version": "v1.33.6"}}))
+        );
+
+        // A spec decoded whole is decoded strictly, and the error says whose spec it was.
+        let error = serde_json::from_str::<CanUpdateMachineRequest>(
+            r#"{"current": {"machine": {"spec": {"version": 1e400}}},
+                "desired": {"machine": {"spec": {"version": "v1.34.2"}}}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("current machine spec: number out of range at line 1 column 17"),
+            "{error}"
         );
 
         // Errors still name the upstream types.

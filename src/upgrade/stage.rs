@@ -174,29 +174,30 @@ impl<'a> Staging<'a> {
             }
             Source::FetchInNode { base_url } => {
                 let mut command = Command::new(["sh", "-c", FETCH_VERIFIED, "sh", &bin_dir]);
+                let mut urls = Vec::new();
                 for (binary, digest) in &self.digests {
                     let url = release_url(&base_url, &self.version, self.arch, *binary);
-                    command = command.args([url, self.paths.staged(binary.name()), digest.clone()]);
+                    let staged = self.paths.staged(binary.name());
+                    command = command.args([url.clone(), staged, digest.clone()]);
+                    urls.push((url, digest.clone()));
                 }
-                let output = self
-                    .node
-                    .exec(command.timeout(self.timeouts.kubeadm))
-                    .await?;
-                match output.exit_code {
-                    0 => {}
-                    FETCHED_WRONG_BYTES => {
-                        let url = String::from_utf8_lossy(&output.stdout).trim().to_string();
-                        let expected = self
-                            .digests
-                            .iter()
-                            .find(|(binary, _)| {
-                                url == release_url(&base_url, &self.version, self.arch, *binary)
-                            })
-                            .map(|(_, digest)| digest.clone())
-                            .unwrap_or_default();
+                // Each download gets the budget it had when each was an exec of its own.
+                let timeout = self.timeouts.kubeadm * urls.len() as u32;
+                let output = self.node.exec(command.timeout(timeout)).await?;
+                if output.exit_code == FETCHED_WRONG_BYTES {
+                    let stdout = String::from_utf8_lossy(&output.stdout);
+                    let named = stdout
+                        .lines()
+                        .find_map(|line| line.strip_prefix(WRONG_BYTES));
+                    if let Some((url, expected)) = urls
+                        .into_iter()
+                        .find(|(url, _)| Some(url.as_str()) == named)
+                    {
                         return Err(Error::ChecksumMismatch { url, expected });
                     }
-                    _ => return Err(output.into_error(self.node.name()).into()),
+                }
+                if output.exit_code != 0 {
+                    return Err(output.into_error(self.node.name()).into());
                 }
             }
         }
@@ -207,14 +208,19 @@ impl<'a> Staging<'a> {
 /// Downloads binaries in the node, each kept only if its sha256 is the published one, in one exec.
 /// Arguments: the directory, then `<url> <staged path> <sha256>` per binary. A download lands in
 /// `<staged path>.part` and is renamed into place only once its digest matches, so a partial or
-/// wrong file is never staged. On a wrong digest the script removes the download, prints its URL
-/// and exits with [`FETCHED_WRONG_BYTES`]; a failed download fails the script (`set -e`).
+/// wrong file is never staged. On a wrong digest the script removes the download, prints
+/// [`WRONG_BYTES`] and its URL, and exits with [`FETCHED_WRONG_BYTES`]; a failed download removes
+/// what it wrote and fails the script, after saying on stderr which URL it was fetching.
 const FETCH_VERIFIED: &str = r#"set -e
 mkdir -p "$1"
 shift
 while [ $# -gt 0 ]; do
   part="$2.part"
-  curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "$1"
+  printf 'fetching %s\n' "$1" >&2
+  if ! curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "$1"; then
+    rm -f "$part"
+    exit 1
+  fi
   if command -v openssl >/dev/null 2>&1; then
     sum=$(openssl dgst -sha256 -r "$part")
   else
@@ -222,8 +228,8 @@ while [ $# -gt 0 ]; do
   fi
   if [ "${sum%% *}" != "$3" ]; then
     rm -f "$part"
-    echo "$1"
-    exit 3
+    printf 'wrong sha256: %s\n' "$1"
+    exit 101
   fi
   chmod 0755 "$part"
   mv -f "$part" "$2"
@@ -231,8 +237,12 @@ while [ $# -gt 0 ]; do
 done
 "#;
 
-/// [`FETCH_VERIFIED`]'s exit code for a download whose sha256 is not the published one.
-const FETCHED_WRONG_BYTES: i64 = 3;
+/// What [`FETCH_VERIFIED`] prints before the URL of a download with the wrong sha256.
+const WRONG_BYTES: &str = "wrong sha256: ";
+
+/// [`FETCH_VERIFIED`]'s exit code for a download whose sha256 is not the published one; above
+/// every exit code curl uses.
+const FETCHED_WRONG_BYTES: i64 = 101;
 
 /// Prints `<sha256 hex> <path>` for each existing file among its arguments. OpenSSL's sha256 uses
 /// the CPU's SHA extensions where coreutils' `sha256sum` does not: about four times faster on
@@ -409,13 +419,13 @@ mod tests {
         assert_eq!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
         assert_eq!(
             String::from_utf8_lossy(&output.stdout).trim(),
-            url("kubelet")
+            format!("{WRONG_BYTES}{}", url("kubelet"))
         );
         assert!(kubeadm.exists());
         assert!(!kubelet.exists());
         assert!(!dir.join("kubelet.part").exists());
 
-        // A download that fails fails the script, with nothing staged.
+        // A download that fails fails the script, says which it was, and leaves nothing.
         let output = fetch_verified_on_host(
             mirror.path(),
             &dir,
@@ -423,7 +433,13 @@ mod tests {
         );
         assert!(!output.status.success());
         assert_ne!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("fetching {}", url("kubectl"))),
+            "{stderr}"
+        );
         assert!(!dir.join("kubectl").exists());
+        assert!(!dir.join("kubectl.part").exists());
 
         // Right digests: staged, executable, no partial file left.
         let output = fetch_verified_on_host(
