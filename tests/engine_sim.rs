@@ -58,28 +58,22 @@ async fn stdout(f: &Fixture, node: &str, argv: &[&str]) -> String {
     out.stdout.trim().to_string()
 }
 
-/// systemd's `NeedDaemonReload` for the kubelet unit: `yes` when a unit file changed on disk
-/// since systemd last read it.
-async fn kubelet_needs_reload(f: &Fixture, node: &str) -> String {
-    let argv = [
-        "systemctl",
-        "show",
-        "--property=NeedDaemonReload",
-        "--value",
-        "kubelet",
-    ];
+/// A systemd property as `systemctl show` prints it: of `unit`, or of systemd itself.
+async fn systemd_property(f: &Fixture, node: &str, property: &str, unit: Option<&str>) -> String {
+    let property = format!("--property={property}");
+    let mut argv = vec!["systemctl", "show", &property, "--value"];
+    argv.extend(unit);
     stdout(f, node, &argv).await
+}
+
+/// `yes` when a kubelet unit file changed on disk since systemd last read it.
+async fn kubelet_needs_reload(f: &Fixture, node: &str) -> String {
+    systemd_property(f, node, "NeedDaemonReload", Some("kubelet")).await
 }
 
 /// When systemd last loaded its units: at boot, and again at every `daemon-reload`.
 async fn units_loaded_at(f: &Fixture, node: &str) -> String {
-    let argv = [
-        "systemctl",
-        "show",
-        "--property=UnitsLoadTimestampMonotonic",
-        "--value",
-    ];
-    stdout(f, node, &argv).await
+    systemd_property(f, node, "UnitsLoadTimestampMonotonic", None).await
 }
 
 /// Asserts everything a finished upgrade must leave behind on `node`.
