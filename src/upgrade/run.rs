@@ -588,6 +588,20 @@ pub(super) fn next_answer(answers: &mut impl Iterator<Item = ExecOutput>) -> Exe
         .expect("a batch answers every command it was given")
 }
 
+/// Checks the answers of a change's first `actions` commands, the first failure being the error,
+/// and returns the rest: what the same exec asked right after them.
+fn asked_after(
+    mut answers: Vec<ExecOutput>,
+    actions: usize,
+    container: &str,
+) -> Result<Vec<ExecOutput>> {
+    let asked = answers.split_off(actions.min(answers.len()));
+    for answer in answers {
+        stdout_of(answer, container)?;
+    }
+    Ok(asked)
+}
+
 /// The stdout of a command that must have succeeded.
 pub(super) fn stdout_of(output: ExecOutput, container: &str) -> Result<String> {
     if output.exit_code != 0 {
@@ -914,6 +928,21 @@ impl<'a> Session<'a> {
         Ok(answers)
     }
 
+    /// Runs `actions` as one change (see [`Session::change`]), followed in the same exec by
+    /// `questions`, whose answers the step's verification reads (`asked_after_action`).
+    async fn change_then_ask(
+        &mut self,
+        mut actions: Vec<Command>,
+        questions: impl IntoIterator<Item = Command>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let action_count = actions.len();
+        actions.extend(questions);
+        let answers = self.change(&actions, timeout).await?;
+        self.asked_after_action = Some(asked_after(answers, action_count, self.node.name())?);
+        Ok(())
+    }
+
     /// Runs `command` as a change (see [`Session::change`]) and returns its stdout.
     async fn change_one(&mut self, command: Command, timeout: Duration) -> Result<String> {
         let mut answers = self.change(&[command], timeout).await?.into_iter();
@@ -1019,19 +1048,14 @@ impl<'a> Session<'a> {
             Step::KubeadmUpgrade => self.kubeadm_upgrade().await,
             Step::Drain => self.drain().await,
             Step::InstallKubelet => self.install(&[Binary::Kubelet, Binary::Kubectl]).await,
+            // The same exec then asks whether the unit came up, for the verification.
             Step::RestartKubelet => {
-                // The same exec then asks whether the unit came up, for the verification.
-                let commands = [
-                    Command::new(["sh", "-c", RESTART_KUBELET]),
-                    kubelet_active_command(),
-                ];
-                let mut answers = self
-                    .change(&commands, self.engine.timeouts.command)
-                    .await?
-                    .into_iter();
-                stdout_of(next_answer(&mut answers), self.node.name())?;
-                self.asked_after_action = Some(answers.collect());
-                Ok(())
+                self.change_then_ask(
+                    vec![Command::new(["sh", "-c", RESTART_KUBELET])],
+                    [kubelet_active_command()],
+                    self.engine.timeouts.command,
+                )
+                .await
             }
             Step::VerifyNode => Ok(()),
             Step::Uncordon => {
@@ -1128,19 +1152,11 @@ impl<'a> Session<'a> {
             ]);
         }
         // The same exec asks the installed binaries their versions, for the verification.
-        let mut commands = vec![command];
-        commands.extend(
-            binaries
-                .iter()
-                .map(|binary| version_command(*binary, binary.name())),
-        );
-        let mut answers = self
-            .change(&commands, self.engine.timeouts.command)
-            .await?
-            .into_iter();
-        stdout_of(next_answer(&mut answers), self.node.name())?;
-        self.asked_after_action = Some(answers.collect());
-        Ok(())
+        let questions = binaries
+            .iter()
+            .map(|binary| version_command(*binary, binary.name()));
+        self.change_then_ask(vec![command], questions, self.engine.timeouts.command)
+            .await
     }
 
     /// Checks each installed binary's version, as the install's exec asked it, and records the
@@ -1259,18 +1275,12 @@ impl<'a> Session<'a> {
         };
         commands.push(command);
         // On a control plane, the same exec then reads what the verification compares.
-        let action_commands = commands.len();
-        if self.plan.role == Role::ControlPlane {
-            commands.extend(control_plane_version_questions());
-        }
+        let questions = match self.plan.role {
+            Role::ControlPlane => control_plane_version_questions(),
+            Role::Worker => Vec::new(),
+        };
         let timeout = self.engine.timeouts.kubeadm + self.engine.timeouts.command;
-        let mut answers = self.change(&commands, timeout).await?;
-        let asked = answers.split_off(action_commands.min(answers.len()));
-        for answer in answers {
-            stdout_of(answer, self.node.name())?;
-        }
-        self.asked_after_action = Some(asked);
-        Ok(())
+        self.change_then_ask(commands, questions, timeout).await
     }
 
     // ----- the Node -----
@@ -1329,9 +1339,7 @@ impl<'a> Session<'a> {
             }
             procedure.run(&self.control_plane).await?
         };
-        let mut answers = answers.into_iter();
-        stdout_of(next_answer(&mut answers), self.control_plane.name())?;
-        self.asked_after_action = Some(answers.collect());
+        self.asked_after_action = Some(asked_after(answers, 1, self.control_plane.name())?);
         Ok(())
     }
 
