@@ -642,7 +642,7 @@ pub enum Event {
         from: String,
         to: String,
     },
-    /// `Updating=True/InPlaceUpdating`: "In-place update in progress: <message>".
+    /// `Updating=True/InPlaceUpdating`: `"In-place update in progress: <message>"`.
     Updating { machine: String, message: String },
     /// `Updating=True/InPlaceUpdateFailed` after a Failure answer.
     UpdateFailed { machine: String, message: String },

@@ -574,7 +574,7 @@ request_type_meta!(UpdateMachineRequest, Hook::UpdateMachine);
 /// `infrastructureMachine` and the `bootstrapConfig` (with its files, often most of the request);
 /// the upgrade needs neither, and CAPI repeats the call every few seconds while an upgrade runs,
 /// so they are only checked to be JSON, never decoded. Of the Machine, only what the upgrade reads
-/// ([`UPDATE_MACHINE_READS`]).
+/// (`UPDATE_MACHINE_READS`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct UpdateMachineRequestObjects {
@@ -584,7 +584,7 @@ pub struct UpdateMachineRequestObjects {
 
 /// What UpdateMachine reads of the desired Machine: which Machine, and which node, cluster and
 /// version to upgrade.
-pub const UPDATE_MACHINE_READS: Outline = Outline::Fields(&[
+const UPDATE_MACHINE_READS: Outline = Outline::Fields(&[
     (
         "metadata",
         Outline::Fields(&[("name", Outline::Whole), ("namespace", Outline::Whole)]),

@@ -1,10 +1,10 @@
 //! The UpdateMachine seam: the router hands every decoded UpdateMachine request to an
 //! [`UpdateMachineHandler`] held in `AppState`, and sends back whatever it answers.
 //!
-//! The upgrade engine implements the trait. Until then [`NotImplemented`] answers `Failure`, which
-//! CAPI shows in the Machine's `Updating` condition and retries with backoff. An implementation must
-//! return quickly (the call has a 10 to 30 s budget): start or look up the background job, then answer
-//! `Success` with `retryAfterSeconds > 0` while it runs, `Success` with 0 when done, `Failure` on error.
+//! [`EngineHandler`] implements the trait with the upgrade engine; tests put a fixed answer there.
+//! An implementation must return quickly (the call has a 10 to 30 s budget): start or look up the
+//! background job, then answer `Success` with `retryAfterSeconds > 0` while it runs, `Success`
+//! with 0 when done, `Failure` on error.
 
 use std::time::Instant;
 

@@ -137,7 +137,7 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
     /// True when stdout or stderr exceeded the output limit and only their end was kept.
     pub truncated: bool,
-    /// The last [`ERROR_TAIL`] bytes of stdout and stderr interleaved as they arrived.
+    /// The last `ERROR_TAIL` bytes of stdout and stderr interleaved as they arrived.
     pub output_tail: Vec<u8>,
 }
 

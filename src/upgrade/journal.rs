@@ -85,7 +85,7 @@ pub struct RecordedError {
 const RECORDED_MESSAGE_BYTES: usize = 8 * 1024;
 
 impl RecordedError {
-    /// Records `message`, keeping its last [`RECORDED_MESSAGE_BYTES`] when it is longer.
+    /// Records `message`, keeping its last `RECORDED_MESSAGE_BYTES` when it is longer.
     pub fn new(step: Step, message: &str) -> RecordedError {
         let mut start = message.len().saturating_sub(RECORDED_MESSAGE_BYTES);
         while !message.is_char_boundary(start) {

@@ -4,7 +4,7 @@
 //! manifest image tags, the Node object) plus the journal for what the node cannot show, so an
 //! attempt after a crash, a restart of the extension, or a restart of the node container simply
 //! skips what is already done. Only one upgrader works on a node at a time, enforced by a lease
-//! kept inside the node (see [`journal`](super::journal)).
+//! kept inside the node (see [`super::journal`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

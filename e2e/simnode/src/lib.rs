@@ -2,7 +2,7 @@
 //! double (see README.md for the fidelity contract), plus the artifact mirror server.
 //!
 //! One binary serves every tool: it reads its version (and tool) from a trailer appended to its
-//! own file ([`stamp`]) and dispatches on that tool or on argv[0].
+//! own file ([`stamp`]) and dispatches on that tool or on `argv[0]`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -1,4 +1,4 @@
-//! `simnode`: one binary that is kubeadm, kubelet or kubectl (by its stamp or argv[0]), or the
+//! `simnode`: one binary that is kubeadm, kubelet or kubectl (by its stamp or `argv[0]`), or the
 //! artifact mirror (`simnode mirror --root DIR --listen ADDR`).
 
 use std::io::Write;
