@@ -331,13 +331,13 @@ async fn a_batch_answers_each_command_as_if_it_ran_alone() {
     }
 
     // A procedure stops at its first failure: nothing after it runs.
-    let mut procedure = Batch::new(Duration::from_secs(20)).stop_at_failure();
+    let mut procedure = Batch::new(Duration::from_secs(20));
     for argv in [
         vec!["touch", "/tmp/first"],
         vec!["sh", "-c", "echo broken >&2; exit 4"],
         vec!["touch", "/tmp/after-the-failure"],
     ] {
-        procedure.push(&Command::new(argv));
+        procedure.push_step(&Command::new(argv));
     }
     let outputs = procedure.run(&node).await.unwrap();
     assert_eq!(outputs.len(), 2);
@@ -349,6 +349,15 @@ async fn a_batch_answers_each_command_as_if_it_ran_alone() {
         .unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
     assert_eq!(listing.trim(), "/tmp/first");
+
+    // Questions after steps that succeeded are all asked, whatever each answers.
+    let mut batch = Batch::new(Duration::from_secs(20));
+    batch.push_step(&Command::new(["touch", "/tmp/second"]));
+    batch.push(&Command::new(["cat", "/nonexistent-file"]));
+    batch.push(&Command::new(["ls", "/tmp/second"]));
+    let outputs = batch.run(&node).await.unwrap();
+    let codes: Vec<i64> = outputs.iter().map(|o| o.exit_code).collect();
+    assert_eq!(codes, [0, 1, 0]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,30 +11,32 @@
 //! - trailing newlines of each stdout and stderr are dropped and NUL bytes are removed (bash
 //!   command substitution): the answers batched are text that is parsed, not copied;
 //! - the commands share the batch's one timeout;
-//! - a command runs even when the one before it failed, as questions should; a batch made
-//!   with [`Batch::stop_at_failure`] is a procedure instead, and answers only up to the first
-//!   command that failed.
+//! - a command runs even when the one before it failed, as questions should. A batch may start
+//!   with steps ([`Batch::push_step`]): a procedure whose first failed step ends the batch; the
+//!   questions after the steps are asked only once every step succeeded, and then all of them.
 
 use std::time::Duration;
 
 use super::command::{Command, ExecOutput};
 use super::{Error, NodeExec, Result};
 
-/// After a first argument saying whether to stop at the first failure (`1`) or not (`0`), runs
-/// each command given as `<argc> <argv...>` and prints `<exit> <stdout bytes> <stderr bytes>`,
+/// After a first argument saying how many of the commands are steps (the batch ends after a step
+/// that failed), runs each command given as `<argc> <argv...>` and prints `<exit> <stdout bytes> <stderr bytes>`,
 /// a newline, the stdout, a newline, the stderr and a newline. `LC_ALL=C` (set by the caller)
 /// makes `${#var}` count bytes, not characters.
 const SCRIPT: &str = r#"set -u
-stop=$1; shift
+steps=$1; shift
 err=$(mktemp) || exit 125
 trap 'rm -f "$err"' EXIT
+index=0
 while (( $# > 0 )); do
   argc=$1; shift
   out=$("${@:1:argc}" 2>"$err"); rc=$?
   shift "$argc"
   errout=$(<"$err")
   printf '%d %d %d\n%s\n%s\n' "$rc" "${#out}" "${#errout}" "$out" "$errout"
-  if (( stop && rc != 0 )); then exit 0; fi
+  if (( index < steps && rc != 0 )); then exit 0; fi
+  index=$((index + 1))
 done
 "#;
 
@@ -43,7 +45,8 @@ done
 pub struct Batch {
     commands: Vec<Vec<String>>,
     timeout: Duration,
-    stop_at_failure: bool,
+    /// How many of the first commands are steps.
+    steps: usize,
 }
 
 impl Batch {
@@ -52,18 +55,20 @@ impl Batch {
         Batch {
             commands: Vec::new(),
             timeout,
-            stop_at_failure: false,
+            steps: 0,
         }
     }
 
-    /// Makes the batch a procedure: a command runs only when every one before it succeeded, and
-    /// the answers end with the first failure.
-    pub fn stop_at_failure(mut self) -> Batch {
-        self.stop_at_failure = true;
-        self
+    /// Adds `command` as a step: it runs only when every step before it succeeded, and if it
+    /// fails, the batch ends with its answer. Steps come before every question.
+    pub fn push_step(&mut self, command: &Command) {
+        debug_assert_eq!(self.steps, self.commands.len(), "a step after a question");
+        self.push(command);
+        self.steps += 1;
     }
 
-    /// Adds `command`'s argv. Its own timeout, stdin and environment are not used.
+    /// Adds `command` as a question: it runs whatever the questions before it answered. Its
+    /// own timeout, stdin and environment are not used (nor are a step's).
     pub fn push(&mut self, command: &Command) {
         self.commands.push(command.argv().to_vec());
     }
@@ -76,11 +81,11 @@ impl Batch {
         self.commands.is_empty()
     }
 
-    /// Runs the batch on `node`: one output per command, in the order they were pushed (for a
-    /// procedure, up to and including the first that failed).
+    /// Runs the batch on `node`: one output per command, in the order they were pushed, or up
+    /// to and including the first step that failed.
     pub async fn run<N: NodeExec>(&self, node: &N) -> Result<Vec<ExecOutput>> {
-        let stop = if self.stop_at_failure { "1" } else { "0" };
-        let mut command = Command::new(["bash", "-c", SCRIPT, "bash", stop])
+        let steps = self.steps.to_string();
+        let mut command = Command::new(["bash", "-c", SCRIPT, "bash", steps.as_str()])
             .env("LC_ALL", "C")
             .timeout(self.timeout);
         for argv in &self.commands {
@@ -98,23 +103,25 @@ impl Batch {
         if output.exit_code != 0 {
             return Err(output.into_error(node.name()));
         }
-        parse(&output.stdout, &self.commands, self.stop_at_failure).map_err(|reason| Error::Batch {
+        parse(&output.stdout, &self.commands, self.steps).map_err(|reason| Error::Batch {
             container: node.name().to_string(),
             reason,
         })
     }
 }
 
-/// Splits the script's stdout back into one output per command; a procedure's answers may end
-/// early, at a failure.
+/// Splits the script's stdout back into one output per command; the answers may end early, at
+/// a failed step (one of the first `steps` commands).
 fn parse(
     mut stdout: &[u8],
     commands: &[Vec<String>],
-    stop_at_failure: bool,
+    steps: usize,
 ) -> std::result::Result<Vec<ExecOutput>, String> {
     let mut outputs: Vec<ExecOutput> = Vec::with_capacity(commands.len());
     for argv in commands {
-        if stop_at_failure && outputs.last().is_some_and(|last| last.exit_code != 0) {
+        let step_failed =
+            outputs.len() <= steps && outputs.last().is_some_and(|last| last.exit_code != 0);
+        if step_failed {
             break;
         }
         let newline = stdout
@@ -177,7 +184,7 @@ mod tests {
     #[test]
     fn splits_answers_with_newlines_and_empty_parts() {
         let stdout = b"0 9 0\nv1.32.3\nx\n\n1 0 12\n\nno such file\n";
-        let outputs = parse(stdout, &argvs(2), false).unwrap();
+        let outputs = parse(stdout, &argvs(2), 0).unwrap();
         assert_eq!(outputs[0].exit_code, 0);
         assert_eq!(outputs[0].stdout, b"v1.32.3\nx");
         assert!(outputs[0].stderr.is_empty());
@@ -190,13 +197,17 @@ mod tests {
     #[test]
     fn a_procedure_answers_up_to_its_first_failure() {
         let stdout = b"0 2 0\nok\n\n3 0 4\n\nfail\n";
-        let outputs = parse(stdout, &argvs(3), true).unwrap();
+        let outputs = parse(stdout, &argvs(3), 3).unwrap();
         assert_eq!(outputs.len(), 2);
         assert_eq!(outputs[1].exit_code, 3);
         assert_eq!(outputs[1].argv, vec!["cmd1".to_string()]);
-        // Stopping early is only allowed at a failure, and only for a procedure.
-        assert!(parse(b"0 0 0\n\n\n", &argvs(2), true).is_err());
-        assert!(parse(stdout, &argvs(3), false).is_err());
+        // Stopping early is only allowed at a failure, and only at a step.
+        assert!(parse(b"0 0 0\n\n\n", &argvs(2), 2).is_err());
+        assert!(parse(stdout, &argvs(3), 0).is_err());
+        assert!(parse(stdout, &argvs(3), 1).is_err());
+        // Questions after the steps are all answered, a failed one included.
+        let stdout = b"0 2 0\nok\n\n3 0 4\n\nfail\n0 0 0\n\n\n";
+        assert_eq!(parse(stdout, &argvs(3), 1).unwrap().len(), 3);
     }
 
     #[test]
@@ -211,7 +222,7 @@ mod tests {
         ];
         for stdout in cases {
             assert!(
-                parse(stdout, &argvs(1), false).is_err(),
+                parse(stdout, &argvs(1), 0).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(stdout)
             );

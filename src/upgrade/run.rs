@@ -908,17 +908,26 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Runs `commands` as one procedure in the node, the journal first if it changed: each
-    /// command runs only if every one before it succeeded. Returns the commands' answers, up to
-    /// the first failure; the caller checks them.
-    async fn change(&mut self, commands: &[Command], timeout: Duration) -> Result<Vec<ExecOutput>> {
-        let mut procedure = Batch::new(timeout).stop_at_failure();
+    /// Runs `steps` as one procedure in the node, the journal first if it changed: each step
+    /// runs only if every one before it succeeded. Once they all did, the same exec asks
+    /// `questions`. Returns the steps' answers, up to the first failure, then the questions';
+    /// the caller checks them.
+    async fn change(
+        &mut self,
+        steps: &[Command],
+        questions: &[Command],
+        timeout: Duration,
+    ) -> Result<Vec<ExecOutput>> {
+        let mut procedure = Batch::new(timeout);
         let journal = self.journal_unsaved;
         if journal {
-            procedure.push(&self.journal_command()?);
+            procedure.push_step(&self.journal_command()?);
         }
-        for command in commands {
-            procedure.push(command);
+        for step in steps {
+            procedure.push_step(step);
+        }
+        for question in questions {
+            procedure.push(question);
         }
         let mut answers = procedure.run(&self.node).await?;
         if journal {
@@ -928,24 +937,22 @@ impl<'a> Session<'a> {
         Ok(answers)
     }
 
-    /// Runs `actions` as one change (see [`Session::change`]), followed in the same exec by
-    /// `questions`, whose answers the step's verification reads (`asked_after_action`).
+    /// Runs `actions` as one change (see [`Session::change`]) that then asks `questions`,
+    /// whose answers the step's verification reads (`asked_after_action`).
     async fn change_then_ask(
         &mut self,
-        mut actions: Vec<Command>,
-        questions: impl IntoIterator<Item = Command>,
+        actions: &[Command],
+        questions: &[Command],
         timeout: Duration,
     ) -> Result<()> {
-        let action_count = actions.len();
-        actions.extend(questions);
-        let answers = self.change(&actions, timeout).await?;
-        self.asked_after_action = Some(asked_after(answers, action_count, self.node.name())?);
+        let answers = self.change(actions, questions, timeout).await?;
+        self.asked_after_action = Some(asked_after(answers, actions.len(), self.node.name())?);
         Ok(())
     }
 
     /// Runs `command` as a change (see [`Session::change`]) and returns its stdout.
     async fn change_one(&mut self, command: Command, timeout: Duration) -> Result<String> {
-        let mut answers = self.change(&[command], timeout).await?.into_iter();
+        let mut answers = self.change(&[command], &[], timeout).await?.into_iter();
         stdout_of(next_answer(&mut answers), self.node.name())
     }
 
@@ -1051,8 +1058,8 @@ impl<'a> Session<'a> {
             // The same exec then asks whether the unit came up, for the verification.
             Step::RestartKubelet => {
                 self.change_then_ask(
-                    vec![Command::new(["sh", "-c", RESTART_KUBELET])],
-                    [kubelet_active_command()],
+                    &[Command::new(["sh", "-c", RESTART_KUBELET])],
+                    &[kubelet_active_command()],
                     self.engine.timeouts.command,
                 )
                 .await
@@ -1152,10 +1159,11 @@ impl<'a> Session<'a> {
             ]);
         }
         // The same exec asks the installed binaries their versions, for the verification.
-        let questions = binaries
+        let questions: Vec<Command> = binaries
             .iter()
-            .map(|binary| version_command(*binary, binary.name()));
-        self.change_then_ask(vec![command], questions, self.engine.timeouts.command)
+            .map(|binary| version_command(*binary, binary.name()))
+            .collect();
+        self.change_then_ask(&[command], &questions, self.engine.timeouts.command)
             .await
     }
 
@@ -1280,7 +1288,7 @@ impl<'a> Session<'a> {
             Role::Worker => Vec::new(),
         };
         let timeout = self.engine.timeouts.kubeadm + self.engine.timeouts.command;
-        self.change_then_ask(commands, questions, timeout).await
+        self.change_then_ask(&commands, &questions, timeout).await
     }
 
     // ----- the Node -----
@@ -1327,17 +1335,16 @@ impl<'a> Session<'a> {
     /// the control plane; the step's verification then looks at what was read.
     async fn kubectl_then_read_node(&mut self, action: Command, timeout: Duration) -> Result<()> {
         let timeout = timeout + self.engine.timeouts.command;
-        let commands = [action, node_command(self.node.name())];
+        let read_node = node_command(self.node.name());
         let answers = if self.kubectl_runs_in_node() {
-            self.change(&commands, timeout).await?
+            self.change(&[action], &[read_node], timeout).await?
         } else {
             // kubectl runs in another container; the journal is written in this one first.
             self.write_journal_if_changed().await?;
-            let mut procedure = Batch::new(timeout).stop_at_failure();
-            for command in &commands {
-                procedure.push(command);
-            }
-            procedure.run(&self.control_plane).await?
+            let mut batch = Batch::new(timeout);
+            batch.push_step(&action);
+            batch.push(&read_node);
+            batch.run(&self.control_plane).await?
         };
         self.asked_after_action = Some(asked_after(answers, 1, self.control_plane.name())?);
         Ok(())
@@ -1432,7 +1439,7 @@ impl<'a> Session<'a> {
 
     async fn write_journal_if_changed(&mut self) -> Result<()> {
         if self.journal_unsaved {
-            self.change(&[], self.engine.timeouts.command).await?;
+            self.change(&[], &[], self.engine.timeouts.command).await?;
         }
         Ok(())
     }
