@@ -156,11 +156,7 @@ impl Engine {
             progress.send_replace(Progress::Running(Step::Preflight));
             let started = std::time::Instant::now();
             // The label check happens here, before any exec in any container.
-            let node = self
-                .docker
-                .locate(&target.cluster, &target.container)
-                .await
-                .map_err(|e| step_error(Step::Preflight, e.into()))?;
+            let node = self.locate(target, Step::Preflight).await?;
             let opened = Session::open(self, node, target, options, Some(self.lease_claim())).await;
             info!(
                 step = Step::Preflight.id(),
@@ -1033,9 +1029,10 @@ impl<'a> Session<'a> {
             Step::Drain => !self.options.drain || self.journal.completed.contains(&Step::Drain),
             Step::InstallKubelet => self.known.kubelet == v && self.known.kubectl == v,
             Step::RestartKubelet => {
-                !self.known.kubelet_replaced
-                    && self.node_status().await?.kubelet_version == v.to_string()
-                    && self.kubelet_active().await?
+                !self.known.kubelet_replaced && {
+                    let (status, active) = self.node_and_kubelet().await?;
+                    status.kubelet_version == v.to_string() && active
+                }
             }
             Step::VerifyNode => false,
             Step::Uncordon => !self.journal.cordoned_by_us,
