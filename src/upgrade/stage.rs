@@ -2,6 +2,8 @@
 //! directory of a node and verified there, without touching anything that runs. An upgrade runs
 //! it first; `capd-inplace stage` runs it alone, ahead of a maintenance window.
 
+use tracing::warn;
+
 use super::journal::Paths;
 use super::run::{Source, Timeouts, next_answer, parse_version, stdout_of, version_command};
 use super::{Error, Result};
@@ -52,7 +54,7 @@ impl<'a> Staging<'a> {
     /// taken. Asked once, before this attempt stages anything.
     pub(super) async fn is_done(&mut self) -> Result<bool> {
         self.expected_digests().await?;
-        Ok(self.digests_match(&self.staged_when_leased))
+        Ok(self.mismatched(&self.staged_when_leased).is_empty())
     }
 
     /// The sha256 each binary must have: from the verified host cache, or from the published
@@ -103,16 +105,20 @@ impl<'a> Staging<'a> {
         hash_command(Binary::ALL.map(|binary| paths.staged(binary.name())))
     }
 
-    /// Whether the expected digest was printed for every staged binary. A missing file prints
-    /// no line, so it does not match.
-    fn digests_match(&self, output: &ExecOutput) -> bool {
+    /// The expected digests that were not printed for their staged binaries. A missing file
+    /// prints no line, so it does not match.
+    fn mismatched(&self, output: &ExecOutput) -> Vec<&str> {
         let stdout = String::from_utf8_lossy(&output.stdout);
-        self.digests.iter().all(|(binary, digest)| {
-            let path = self.paths.staged(binary.name());
-            stdout
-                .lines()
-                .any(|line| hash_line(line) == Some((digest.as_str(), path.as_str())))
-        })
+        self.digests
+            .iter()
+            .filter(|(binary, digest)| {
+                let path = self.paths.staged(binary.name());
+                !stdout
+                    .lines()
+                    .any(|line| hash_line(line) == Some((digest.as_str(), path.as_str())))
+            })
+            .map(|(_, digest)| digest.as_str())
+            .collect()
     }
 
     /// The staged bytes must match their published digests, and be the right programs: each
@@ -126,12 +132,15 @@ impl<'a> Staging<'a> {
             batch.push(&version_command(binary, &self.paths.staged(binary.name())));
         }
         let mut answers = batch.run(&self.node).await?.into_iter();
-        if !self.digests_match(&next_answer(&mut answers)) {
+        let wrong = self.mismatched(&next_answer(&mut answers));
+        if !wrong.is_empty() {
             // Uploaded bytes that hash wrong in the node may come from a cached blob damaged
-            // where its file status cannot show it: the next attempt hashes the blobs again.
+            // where its file status cannot show it: the next attempt hashes those blobs again.
             if let Source::Upload(cache) = self.source {
-                for (_, digest) in &self.digests {
-                    cache.distrust(digest).await?;
+                for digest in wrong {
+                    if let Err(e) = cache.distrust(digest).await {
+                        warn!(error = %e, digest, "could not forget the cache's record");
+                    }
                 }
             }
             return Err(Error::Verify(
