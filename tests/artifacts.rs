@@ -221,12 +221,7 @@ fn fast_config() -> FetchConfig {
     }
 }
 
-fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 async fn open(dir: &Path, source: ArtifactSource, config: FetchConfig) -> ArtifactCache {
-    install_crypto();
     ArtifactCache::open(dir, source, config).await.unwrap()
 }
 
@@ -608,7 +603,6 @@ async fn overall_request_timeout_bounds_a_trickling_download() {
 
 #[tokio::test]
 async fn connection_refused_is_retried_then_reported() {
-    install_crypto();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
@@ -701,7 +695,6 @@ async fn fetch_all_downloads_the_three_binaries_in_parallel() {
 
 #[tokio::test]
 async fn file_source_works_and_refuses_a_bad_digest() {
-    install_crypto();
     let mirror_dir = tempfile::tempdir().unwrap();
     let write_release = |version: &str, digest_of: &dyn Fn(&[u8]) -> String| {
         let bin_dir = mirror_dir.path().join(version).join("bin/linux/amd64");
@@ -786,7 +779,6 @@ async fn bad_versions_and_sources_are_refused_before_any_request() {
 
 #[tokio::test]
 async fn invalid_config_is_refused() {
-    install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let config = FetchConfig {
         max_attempts: 0,
@@ -800,7 +792,6 @@ async fn invalid_config_is_refused() {
 
 #[tokio::test]
 async fn open_removes_stale_temp_files_and_locks_the_directory() {
-    install_crypto();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("tmp/leftover")).unwrap();
     std::fs::write(dir.path().join("tmp/abc.0.partial"), b"half a binary").unwrap();
