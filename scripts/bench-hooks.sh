@@ -10,8 +10,9 @@
 #      Every poll of the load must be answered in-progress (checked on /metrics).
 #
 # Each load lasts DURATION, HTTPS with keep-alive, HTTP/1.1, loopback only; each row (concurrency
-# 1, 16, 64) is the median of ROUNDS interleaved rounds of the extension and the ceiling. Prints a Markdown fragment on stdout (tables and a verdict against the aims: at
-# concurrency 16, at least 70% of the ceiling's rps and a p99 under 10 ms); progress on stderr.
+# 1, 16, 64) is the median of ROUNDS interleaved rounds of the extension and the ceiling. Prints
+# a Markdown fragment on stdout (tables and a verdict against the aims: at concurrency 16, at
+# least 70% of the ceiling's rps and a p99 under 10 ms); progress on stderr.
 # Installs oha into .cache/tools on first use (minutes of compiling, once); needs curl, jq and a
 # Docker Engine with the simulated node image (scripts/build-simnode-image.sh).
 set -euo pipefail
@@ -139,6 +140,10 @@ stop_ceiling() {
   fi
 }
 
+median_round() { # one line per round, its ratio first -> the line with the median ratio
+  sort -n <<<"${1%$'\n'}" | sed -n "$(((ROUNDS + 1) / 2))p"
+}
+
 post() { # url body-file -> answer on stdout
   curl -fsS --cacert "$certs/ca.crt" --data-binary "@$2" "$1"
 }
@@ -219,7 +224,7 @@ table() { # ext-url ceiling-url body-file check_before check_after
       rounds+="$r ${e[*]} ${mem[*]} ${ce[*]}"$'\n'
     done
     # ratio, ext (rps p50 p99 requests cpu), RSS and peak, ceiling (rps p50 p99 requests cpu)
-    median="$(sort -n <<<"${rounds%$'\n'}" | sed -n "$(((ROUNDS + 1) / 2))p")"
+    median="$(median_round "$rounds")"
     read -r r e0 e1 e2 _ e4 m0 m1 c0 _ c2 _ c4 <<<"$median"
     cpu_ext+="$e4 "
     cpu_ceiling+="$c4 "
@@ -283,7 +288,7 @@ for round in $(seq "$ROUNDS"); do
   read -r -a plain <<<"$line"
   rounds+="$(awk -v v="${checked[0]}" -v c="${plain[0]}" 'BEGIN {printf "%.4f %.0f %.0f", v / c, v, c}')"$'\n'
 done
-read -r r v c <<<"$(sort -n <<<"${rounds%$'\n'}" | sed -n "$(((ROUNDS + 1) / 2))p")"
+read -r r v c <<<"$(median_round "$rounds")"
 awk -v r="$r" -v v="$v" -v c="$c" -v rounds="$ROUNDS" 'BEGIN {
   printf "A ceiling that also checks each request is JSON (`bench-ceiling --validate-json`, serde_json skipping every value) "
   printf "serves %.0f rps at concurrency 16, %.0f%% of the plain ceiling'"'"'s %.0f rps measured right after it ", v, 100 * r, c

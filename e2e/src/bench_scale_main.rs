@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capd_inplace_e2e::bench::{
-    Args, CpuTicks, ExecCounter, Progress, StepTiming, Table, cpu_time, megabytes, parse_args,
-    peak_rss_kib, run_ok, secs, step_timings,
+    Args, CpuTicks, ExecCounter, Progress, StepTiming, Table, cpu_time, parse_args, peak_rss_kib,
+    run_ok, secs, step_timings,
 };
 use capd_inplace_e2e::driver::{
     Change, Decision, Driver, ExtensionConfig, Pacing, RuntimeClient, Workload,
@@ -112,7 +112,7 @@ async fn upgrade_once(
     let peak_rss_kib = peak_rss_kib(pid)?;
     let steps = step_timings(&extension.log());
     progress.say(format!(
-        "W={workers}: upgraded in {}s (workers {}s), peak RSS {} MB",
+        "W={workers}: upgraded in {}s (workers {}s), peak RSS {:.1} MB",
         secs(whole),
         secs(whole - control_plane),
         mb(peak_rss_kib)
@@ -134,8 +134,8 @@ async fn upgrade_once(
 }
 
 /// Decimal megabytes, the unit of the aim, from the kernel's KiB.
-fn mb(kib: u64) -> String {
-    megabytes(kib * 1024)
+fn mb(kib: u64) -> f64 {
+    (kib * 1024) as f64 / 1e6
 }
 
 /// Fills the shared cache with the target version through `capd-inplace stage` on a throwaway
@@ -213,7 +213,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
             secs(run.whole),
             secs(run.control_plane),
             secs(run.worker_phase),
-            mb(run.peak_rss_kib),
+            format!("{:.1}", mb(run.peak_rss_kib)),
             secs(run.extension_cpu),
             format!("{:.0}", run.host_busy),
             run.execs.values().sum::<u64>().to_string(),
@@ -266,7 +266,7 @@ fn print_report(args: &Args, runs: &[Run], runtime: Duration) {
         largest.workers,
         in_workers as f64 / largest.workers as f64,
     ));
-    let rss = largest.peak_rss_kib as f64 * 1024.0 / 1e6;
+    let rss = mb(largest.peak_rss_kib);
     out.push_str(&format!(
         "\nVerdict: peak RSS at W = {} is {rss:.1} MB, {} the {RSS_AIM_MB:.0} MB aim.\n",
         largest.workers,

@@ -80,18 +80,9 @@ impl Bench {
         format!("{STAGE_ROOT}/{}/bin", self.to)
     }
 
-    /// The three published files on the host, fully written (not sparse), laid out as
-    /// `<dir>/capd-inplace/<version>/bin/<tool>` so that one `docker cp` per node places them.
-    fn floor_source(&self) -> PathBuf {
-        floor_source_in(self.work.path())
-    }
-
-    /// Copies the published files into [`Bench::floor_source`]; returns their sizes.
+    /// Copies the published files into [`floor_source`]; returns their sizes.
     fn write_floor_source(work: &Path, to: &str, published: &Path) -> anyhow::Result<[u64; 3]> {
-        let bin = floor_source_in(work)
-            .join("capd-inplace")
-            .join(to)
-            .join("bin");
+        let bin = floor_source(work).join("capd-inplace").join(to).join("bin");
         std::fs::create_dir_all(&bin)?;
         let mut sizes = [0; 3];
         for (size, tool) in sizes.iter_mut().zip(TOOLS) {
@@ -149,7 +140,7 @@ impl Bench {
     }
 
     async fn docker_cp(&self, cluster: &SimCluster) -> anyhow::Result<()> {
-        let source = self.floor_source().join("capd-inplace");
+        let source = floor_source(self.work.path()).join("capd-inplace");
         let copies = cluster.nodes().iter().map(|node| {
             let mut command = tokio::process::Command::new("docker");
             command
@@ -227,8 +218,9 @@ impl Bench {
     }
 }
 
-/// Where [`Bench::floor_source`] is in the work directory.
-fn floor_source_in(work: &Path) -> PathBuf {
+/// Where the work directory holds the three published files, fully written (not sparse), laid
+/// out as `<dir>/capd-inplace/<version>/bin/<tool>` so that one `docker cp` per node places them.
+fn floor_source(work: &Path) -> PathBuf {
     work.join("floor")
 }
 
