@@ -3,10 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capd_inplace::artifacts::{ArtifactCache, ArtifactSource, FetchConfig};
+use capd_inplace::artifacts::{ArtifactCache, ArtifactSource, CacheServer, FetchConfig};
 use capd_inplace::node::Docker;
 use capd_inplace::upgrade::cluster::{self, NodeOutcome};
 use capd_inplace::upgrade::jobs::Progress;
@@ -432,5 +433,70 @@ async fn duplicate_update_machine_calls_join_one_job() {
         "{text}"
     );
     assert_upgraded(&f, &cp, "v1.32.3", true).await;
+    f.cluster.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_served_from_the_cache_reach_the_node_through_its_gateway() {
+    let f = fixture("eng-served", 1, 0, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    let Source::Upload(cache) = f.options.source.clone() else {
+        unreachable!("the fixture uploads from its cache")
+    };
+    let staged = "/var/lib/capd-inplace/v1.31.9/bin";
+
+    // This host's loopback, which the node cannot reach: the stage step fails, says which
+    // download it was, and leaves nothing staged, not even a partial file.
+    let loopback = CacheServer::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let options = Options::new(Source::Serve {
+        cache: cache.clone(),
+        server: loopback.clone(),
+    });
+    let (tx, _rx) = watch::channel(Progress::Queued);
+    let error = f
+        .engine
+        .upgrade(&target(&f, &cp, "v1.31.9"), &options, &tx)
+        .await
+        .unwrap_err();
+    assert_eq!(error.step, Step::Stage, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("{}/sha256/", loopback.url())),
+        "{error}"
+    );
+    assert_eq!(stdout(&f, &cp, &["ls", "-A", staged]).await, "");
+    assert_eq!(
+        stdout(&f, &cp, &["kubelet", "--version"]).await,
+        "Kubernetes v1.31.4"
+    );
+
+    // The gateway of the node's Docker network is this host: the node downloads from the
+    // cache there, and the attempt resumes at the stage step.
+    let docker = Docker::connect().await.unwrap();
+    let node = docker.locate(f.cluster.name(), &cp).await.unwrap();
+    let gateway = node.network_gateway().await.unwrap();
+    let server = CacheServer::bind(SocketAddr::new(gateway, 0))
+        .await
+        .unwrap();
+    let downloaded = cache.stats().bytes_downloaded;
+    let options = Options::new(Source::Serve { cache, server });
+    let outcome = f
+        .engine
+        .upgrade(&target(&f, &cp, "v1.31.9"), &options, &tx)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Upgraded);
+    assert_upgraded(&f, &cp, "v1.31.9", true).await;
+    let Source::Serve { cache, .. } = &options.source else {
+        unreachable!()
+    };
+    assert_eq!(
+        cache.stats().bytes_downloaded,
+        downloaded,
+        "the first attempt cached everything"
+    );
     f.cluster.down().await.unwrap();
 }

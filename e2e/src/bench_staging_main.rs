@@ -4,6 +4,8 @@
 //! * (a) `capd-inplace stage` with a cold artifact cache (one download from the mirror, then an
 //!   upload through the Docker archive API and a sha256 check in every node);
 //! * (b) the same with the now warm cache;
+//! * (e) the same with `--serve-cache`: the nodes download the binaries with curl from the CLI,
+//!   which serves its warm cache, and hash them in the node while the next one downloads;
 //! * (c) `docker cp` of the same three files into every node in parallel, checking nothing: the
 //!   practical floor;
 //! * (d) `docker exec <node> curl` from the mirror in every node in parallel, checking nothing.
@@ -44,14 +46,17 @@ struct Measured {
 enum Variant {
     Cold,
     Warm,
+    Served,
     DockerCp,
     Curl,
 }
 
 impl Variant {
-    const ALL: [Variant; 4] = [
+    /// Served follows Warm, which leaves the cache warm whatever the round.
+    const ALL: [Variant; 5] = [
         Variant::Cold,
         Variant::Warm,
+        Variant::Served,
         Variant::DockerCp,
         Variant::Curl,
     ];
@@ -60,6 +65,7 @@ impl Variant {
         match self {
             Variant::Cold => "(a) capd-inplace stage, cold cache",
             Variant::Warm => "(b) capd-inplace stage, warm cache",
+            Variant::Served => "(e) capd-inplace stage --serve-cache, warm cache",
             Variant::DockerCp => "(c) docker cp, parallel",
             Variant::Curl => "(d) docker exec curl, parallel",
         }
@@ -108,8 +114,9 @@ impl Bench {
                 if variant == Variant::Cold && cache.exists() {
                     bail!("{} is not a cold cache", cache.display());
                 }
-                self.stage(cluster, &cache).await?
+                self.stage(cluster, &cache, false).await?
             }
+            Variant::Served => self.stage(cluster, &cache, true).await?,
             Variant::DockerCp => self.docker_cp(cluster).await?,
             Variant::Curl => self.curl(cluster).await?,
         }
@@ -127,7 +134,7 @@ impl Bench {
         })
     }
 
-    async fn stage(&self, cluster: &SimCluster, cache: &Path) -> anyhow::Result<()> {
+    async fn stage(&self, cluster: &SimCluster, cache: &Path, serve: bool) -> anyhow::Result<()> {
         let nodes = cluster.nodes().len().to_string();
         let mut command = tokio::process::Command::new(&self.capd_inplace);
         command
@@ -136,6 +143,9 @@ impl Bench {
             .arg("--artifact-cache-dir")
             .arg(cache)
             .args(["--parallel", &nodes]);
+        if serve {
+            command.arg("--serve-cache");
+        }
         run_ok(command, "capd-inplace stage").await
     }
 
@@ -393,9 +403,11 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
         "nodes",
         "(a) cold (s)",
         "(b) warm (s)",
+        "(e) served (s)",
         "(c) docker cp (s)",
         "(d) curl (s)",
         "(b)/(c)",
+        "(e)/(c)",
         "(a)/(c)",
         "(d)/(c)",
     ]);
@@ -403,6 +415,7 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
         "nodes",
         "(a) cold: MB (binary GETs)",
         "(b) warm: MB (binary GETs)",
+        "(e) served: MB (binary GETs)",
         "(c) docker cp: MB (binary GETs)",
         "(d) curl: MB (binary GETs)",
     ]);
@@ -412,8 +425,10 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
         "openssl dgst -sha256 in every node (s)",
         "(c) + openssl (s)",
         "(b)/((c) + openssl)",
+        "(e)/((c) + openssl)",
     ]);
     let mut warm_ok = true;
+    let mut served_ok = true;
     let mut warm_ok_verified = true;
     let mut one_download = true;
     for Row {
@@ -422,7 +437,7 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
         hashing: (sha256sum, openssl),
     } in results
     {
-        let [cold, warm, cp, curl] = *row;
+        let [cold, warm, served, cp, curl] = *row;
         // docker cp followed by the verification the stage step does in the node: the floor
         // for a transfer that is checked before anything uses it.
         let verified_cp = cp.wall + *openssl;
@@ -432,15 +447,18 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
             secs(*openssl),
             secs(verified_cp),
             ratio(warm.wall, verified_cp),
+            ratio(served.wall, verified_cp),
         ]);
         warm_ok_verified &= warm.wall.as_secs_f64() <= 1.2 * verified_cp.as_secs_f64();
         times.row([
             n.to_string(),
             secs(cold.wall),
             secs(warm.wall),
+            secs(served.wall),
             secs(cp.wall),
             secs(curl.wall),
             ratio(warm.wall, cp.wall),
+            ratio(served.wall, cp.wall),
             ratio(cold.wall, cp.wall),
             ratio(curl.wall, cp.wall),
         ]);
@@ -451,10 +469,12 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
             ),
         );
         warm_ok &= warm.wall.as_secs_f64() <= 1.2 * cp.wall.as_secs_f64();
+        served_ok &= served.wall.as_secs_f64() <= 1.2 * cp.wall.as_secs_f64();
         // Checksum files (64 hex digits each) are the only other bytes a cold fetch reads.
         one_download &= cold.binary_downloads == TOOLS.len()
             && cold.mirror_bytes == total + 64 * TOOLS.len() as u64
-            && warm.mirror_bytes == 0;
+            && warm.mirror_bytes == 0
+            && served.mirror_bytes == 0;
     }
     out.push_str(&times.render());
     out.push_str("\nBytes read from the mirror (response bodies, `.sha256` files included):\n\n");
@@ -466,10 +486,12 @@ fn print_report(args: &Args, bench: &Bench, setup: Duration, runtime: Duration, 
     );
     out.push_str(&hashing.render());
     out.push_str(&format!(
-        "\nVerdict: (b) within 1.2× of (c) at every node count: {}; within 1.2× of (c) followed by \
-         the same in-node verification: {}; one download per version (cold: the three files once \
-         plus their checksums, warm: 0 bytes) at every node count: {}.\n",
+        "\nVerdict: (b) within 1.2× of (c) at every node count: {}; (e) within 1.2× of (c) at \
+         every node count: {}; (b) within 1.2× of (c) followed by the same in-node verification: \
+         {}; one download per version (cold: the three files once plus their checksums, warm and \
+         served: 0 bytes) at every node count: {}.\n",
         if warm_ok { "yes" } else { "no" },
+        if served_ok { "yes" } else { "no" },
         if warm_ok_verified { "yes" } else { "no" },
         if one_download { "yes" } else { "no" },
     ));

@@ -34,6 +34,7 @@
 mod cache;
 mod caches;
 mod fetch;
+mod serve;
 mod source;
 
 use std::path::PathBuf;
@@ -43,6 +44,7 @@ use std::time::Duration;
 pub use cache::{ArtifactCache, CacheStats, CachedArtifact, KubeBinaries};
 pub use caches::ArtifactCaches;
 pub use fetch::FetchConfig;
+pub use serve::CacheServer;
 pub use source::{Arch, ArtifactId, ArtifactSource, Binary, DEFAULT_ARTIFACT_URL};
 
 /// Errors of the artifact cache. Sources are kept in `Arc`s so that one failed download can be
@@ -167,6 +169,16 @@ pub enum Error {
 
     #[error("{artifact}: the fetch task stopped unexpectedly; retry")]
     TaskFailed { artifact: ArtifactId },
+
+    #[error(
+        "cannot serve the artifact cache on {address}; pick an address of this host that the \
+         nodes reach, and a free port"
+    )]
+    Serve {
+        address: std::net::SocketAddr,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -191,6 +203,7 @@ impl Error {
             Error::CacheLocked { .. } => "cache_locked",
             Error::Client { .. } => "client",
             Error::TaskFailed { .. } => "task_failed",
+            Error::Serve { .. } => "serve",
         }
     }
 

@@ -1,6 +1,7 @@
 //! The Docker Engine client and [`DockerNode`], the [`NodeExec`] of a CAPD node container.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -552,6 +553,29 @@ impl NodeExec for DockerNode {
 }
 
 impl DockerNode {
+    /// The gateway of the container's Docker network: the address at which the node reaches
+    /// the host the Engine runs on. With several networks, the first by name that has one (a
+    /// kind or CAPD node has one network, `kind`).
+    pub async fn network_gateway(&self) -> Result<IpAddr> {
+        let inspected = inspect(&self.client, &self.name, &self.id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                container: self.name.clone(),
+            })?;
+        let networks = inspected
+            .network_settings
+            .and_then(|settings| settings.networks)
+            .unwrap_or_default();
+        let mut by_name: Vec<_> = networks.into_iter().collect();
+        by_name.sort_by(|a, b| a.0.cmp(&b.0));
+        by_name
+            .into_iter()
+            .find_map(|(_, endpoint)| endpoint.gateway?.parse().ok())
+            .ok_or_else(|| Error::NoGateway {
+                container: self.name.clone(),
+            })
+    }
+
     fn archive_error(&self, path: &str, source: std::io::Error) -> Error {
         Error::Archive {
             container: self.name.clone(),

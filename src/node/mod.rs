@@ -73,6 +73,11 @@ pub enum Error {
     },
     #[error("container {container} is stopped ({status}); start it and retry")]
     Stopped { container: String, status: String },
+    #[error(
+        "container {container} has no network with a gateway, so it cannot reach this host; \
+         stage by upload instead"
+    )]
+    NoGateway { container: String },
     #[error("container {container} is paused; unpause it and retry")]
     Paused { container: String },
     #[error("container {container} is restarting; wait until it runs and retry")]

@@ -47,6 +47,8 @@ pub enum Error {
     CorruptJournal { path: String },
     #[error("{url} does not match its published sha256 {expected}; nothing was installed")]
     ChecksumMismatch { url: String, expected: String },
+    #[error("the node could not download {url} ({said}); nothing was staged")]
+    Download { url: String, said: String },
     #[error("timed out after {}s waiting for {what}", after.as_secs())]
     Timeout { what: String, after: Duration },
     #[error("{0}")]

@@ -20,7 +20,7 @@ use super::plan::{self, Facts, KubeadmMode, Plan, Policy};
 use super::stage::Staging;
 use super::step::Step;
 use super::{Error, Result, StepError};
-use crate::artifacts::{Arch, ArtifactCache, Binary};
+use crate::artifacts::{Arch, ArtifactCache, Binary, CacheServer};
 use crate::node::{Batch, Command, Docker, DockerNode, ExecOutput, NodeExec, Role};
 use crate::version::KubeVersion;
 
@@ -46,6 +46,13 @@ pub enum Source {
     /// The node fetches them with curl from a base URL laid out like dl.k8s.io/release, and
     /// verifies each against its published `.sha256` before it is used.
     FetchInNode { base_url: String },
+    /// The extension downloads and verifies them into this cache, like [`Source::Upload`], and
+    /// the node fetches them with curl from this server of the cache, checking each against the
+    /// cache's digest. The node must reach the server.
+    Serve {
+        cache: ArtifactCache,
+        server: CacheServer,
+    },
 }
 
 impl std::fmt::Debug for Source {
@@ -53,6 +60,9 @@ impl std::fmt::Debug for Source {
         match self {
             Source::Upload(cache) => write!(f, "Upload({})", cache.source()),
             Source::FetchInNode { base_url } => write!(f, "FetchInNode({base_url})"),
+            Source::Serve { cache, server } => {
+                write!(f, "Serve({} at {})", cache.source(), server.url())
+            }
         }
     }
 }

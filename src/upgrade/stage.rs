@@ -7,7 +7,7 @@ use tracing::warn;
 use super::journal::Paths;
 use super::run::{Source, Timeouts, next_answer, parse_version, stdout_of, version_command};
 use super::{Error, Result};
-use crate::artifacts::{Arch, Binary, KubeBinaries};
+use crate::artifacts::{Arch, ArtifactCache, Binary, KubeBinaries};
 use crate::node::{Batch, Command, DockerNode, ExecOutput, NodeExec, UploadFile};
 use crate::version::KubeVersion;
 
@@ -26,7 +26,13 @@ pub(super) struct Staging<'a> {
     /// The answer to [`Staging::hash_command`] from the batch that took the node's lease: what
     /// was staged before this attempt did anything.
     staged_when_leased: ExecOutput,
+    /// The staged binaries' answers to [`ASKED_VERSIONS`], when the node fetched them itself:
+    /// asked in the same exec as the fetch, right after it.
+    versions_after_fetch: Option<Vec<ExecOutput>>,
 }
+
+/// The staged binaries asked their version before they are installed.
+const ASKED_VERSIONS: [Binary; 2] = [Binary::Kubeadm, Binary::Kubelet];
 
 impl<'a> Staging<'a> {
     pub(super) fn new(
@@ -47,6 +53,7 @@ impl<'a> Staging<'a> {
             digests: Vec::new(),
             cached: None,
             staged_when_leased,
+            versions_after_fetch: None,
         }
     }
 
@@ -64,7 +71,7 @@ impl<'a> Staging<'a> {
             return Ok(());
         }
         match self.source {
-            Source::Upload(cache) => {
+            Source::Upload(cache) | Source::Serve { cache, .. } => {
                 // The three downloads of a cold cache run in parallel.
                 let cached = cache
                     .fetch_all(&self.version.to_string(), self.arch)
@@ -122,32 +129,31 @@ impl<'a> Staging<'a> {
     }
 
     /// The staged bytes must match their published digests, and be the right programs: each
-    /// staged kubeadm and kubelet is asked its version too. One batch.
-    pub(super) async fn verify(&self) -> Result<()> {
+    /// staged kubeadm and kubelet is asked its version too. An upload is hashed here, in one
+    /// batch with the questions. Binaries the node fetched itself were hashed there before they
+    /// were renamed into place ([`FETCH_VERIFIED`]), and asked their versions in the same exec.
+    pub(super) async fn verify(&mut self) -> Result<()> {
         let v = self.version;
-        let mut batch = Batch::new(self.timeouts.command);
-        batch.push(&Self::hash_command(&self.paths));
-        let asked = [Binary::Kubeadm, Binary::Kubelet];
-        for binary in asked {
-            batch.push(&version_command(binary, &self.paths.staged(binary.name())));
-        }
-        let mut answers = batch.run(&self.node).await?.into_iter();
-        let wrong = self.mismatched(&next_answer(&mut answers));
-        if !wrong.is_empty() {
-            // Uploaded bytes that hash wrong in the node may come from a cached blob damaged
-            // where its file status cannot show it: the next attempt hashes those blobs again.
-            if let Source::Upload(cache) = self.source {
-                for digest in wrong {
-                    if let Err(e) = cache.distrust(digest).await {
-                        warn!(error = %e, digest, "could not forget the cache's record");
-                    }
+        let mut answers = match self.versions_after_fetch.take() {
+            Some(answers) => answers.into_iter(),
+            None => {
+                let mut batch = Batch::new(self.timeouts.command);
+                batch.push(&Self::hash_command(&self.paths));
+                for binary in ASKED_VERSIONS {
+                    batch.push(&version_command(binary, &self.paths.staged(binary.name())));
                 }
+                let mut answers = batch.run(&self.node).await?.into_iter();
+                let wrong = self.mismatched(&next_answer(&mut answers));
+                if !wrong.is_empty() {
+                    self.distrust(&wrong).await;
+                    return Err(Error::Verify(
+                        "a staged binary does not match its published sha256".into(),
+                    ));
+                }
+                answers
             }
-            return Err(Error::Verify(
-                "a staged binary does not match its published sha256".into(),
-            ));
-        }
-        for binary in asked {
+        };
+        for binary in ASKED_VERSIONS {
             let reported = parse_version(binary, next_answer(&mut answers), self.node.name())?;
             if reported != v {
                 return Err(Error::Verify(format!(
@@ -159,59 +165,134 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
+    /// Bytes from the cache that hash wrong in the node may come from a cached blob damaged
+    /// where its file status cannot show it: the cache forgets these digests' records, so the
+    /// next attempt hashes those blobs again.
+    async fn distrust(&self, digests: &[&str]) {
+        if let Source::Upload(cache) | Source::Serve { cache, .. } = self.source {
+            for digest in digests {
+                if let Err(e) = cache.distrust(digest).await {
+                    warn!(error = %e, digest, "could not forget the cache's record");
+                }
+            }
+        }
+    }
+
     /// Places the binaries under the journal directory: uploaded from the verified cache, or
-    /// fetched by the node itself and checked before they are moved into place.
+    /// fetched by the node itself (from the artifact URL, or from this process's server of the
+    /// cache) and checked before they are moved into place.
     pub(super) async fn stage(&mut self) -> Result<()> {
-        let bin_dir = self.paths.bin_dir();
         match self.source.clone() {
             Source::Upload(cache) => {
-                let cached = match self.cached.take() {
-                    Some(cached) => cached,
-                    None => {
-                        cache
-                            .fetch_all(&self.version.to_string(), self.arch)
-                            .await?
-                    }
-                };
+                let cached = self.cached(&cache).await?;
                 let files = Binary::ALL
                     .into_iter()
                     .map(|binary| {
                         UploadFile::from_path(binary.name(), cached.get(binary).path.clone(), 0o755)
                     })
                     .collect();
-                self.node.upload(&bin_dir, files).await?;
+                self.node.upload(&self.paths.bin_dir(), files).await?;
+                Ok(())
             }
             Source::FetchInNode { base_url } => {
-                let mut command = Command::new(["sh", "-c", FETCH_VERIFIED, "sh", &bin_dir]);
-                let mut urls = Vec::new();
-                for (binary, digest) in &self.digests {
-                    let url = release_url(&base_url, &self.version, self.arch, *binary);
-                    let staged = self.paths.staged(binary.name());
-                    command = command.args([url.clone(), staged, digest.clone()]);
-                    urls.push((url, digest.clone()));
+                let downloads = self
+                    .digests
+                    .iter()
+                    .map(|(binary, digest)| {
+                        let url = release_url(&base_url, &self.version, self.arch, *binary);
+                        (*binary, url, digest.clone())
+                    })
+                    .collect();
+                self.fetch_in_node(downloads).await
+            }
+            Source::Serve { cache, server } => {
+                let cached = self.cached(&cache).await?;
+                let downloads = Binary::ALL
+                    .into_iter()
+                    .map(|binary| {
+                        let artifact = cached.get(binary);
+                        (binary, server.offer(artifact), artifact.sha256.clone())
+                    })
+                    .collect();
+                let fetched = self.fetch_in_node(downloads).await;
+                if let Err(Error::ChecksumMismatch { expected, .. }) = &fetched {
+                    self.distrust(&[expected.as_str()]).await;
                 }
-                // Each download gets the budget it had when each was an exec of its own.
-                let timeout = self.timeouts.kubeadm * urls.len() as u32;
-                let output = self.node.exec(command.timeout(timeout)).await?;
-                if output.exit_code == FETCHED_WRONG_BYTES {
-                    let stdout = String::from_utf8_lossy(&output.stdout);
-                    let named = stdout
-                        .lines()
-                        .find_map(|line| line.strip_prefix(WRONG_BYTES));
-                    if let Some((url, expected)) = urls
-                        .into_iter()
-                        .find(|(url, _)| Some(url.as_str()) == named)
-                    {
-                        return Err(Error::ChecksumMismatch { url, expected });
-                    }
-                }
-                if output.exit_code != 0 {
-                    return Err(output.into_error(self.node.name()).into());
-                }
+                fetched
             }
         }
+    }
+
+    /// The verified binaries from the host cache: those [`Staging::expected_digests`] fetched, or
+    /// fetched now.
+    async fn cached(&mut self, cache: &ArtifactCache) -> Result<KubeBinaries> {
+        Ok(match self.cached.take() {
+            Some(cached) => cached,
+            None => {
+                cache
+                    .fetch_all(&self.version.to_string(), self.arch)
+                    .await?
+            }
+        })
+    }
+
+    /// Runs [`FETCH_VERIFIED`] in the node for `(binary, url, sha256)` downloads, and asks the
+    /// fetched binaries their versions in the same exec.
+    async fn fetch_in_node(&mut self, downloads: Vec<(Binary, String, String)>) -> Result<()> {
+        let bin_dir = self.paths.bin_dir();
+        let mut fetch = Command::new(["bash", "-c", FETCH_VERIFIED, "bash", &bin_dir]);
+        for (binary, url, digest) in &downloads {
+            fetch = fetch.args([
+                url.clone(),
+                self.paths.staged(binary.name()),
+                digest.clone(),
+            ]);
+        }
+        // Each download gets the budget it had when each was an exec of its own.
+        let mut batch =
+            Batch::new(self.timeouts.kubeadm * downloads.len() as u32 + self.timeouts.command);
+        batch.push_step(&fetch);
+        for binary in ASKED_VERSIONS {
+            batch.push(&version_command(binary, &self.paths.staged(binary.name())));
+        }
+        let mut answers = batch.run(&self.node).await?.into_iter();
+        let fetched = next_answer(&mut answers);
+        if fetched.exit_code == FETCHED_WRONG_BYTES {
+            let stdout = String::from_utf8_lossy(&fetched.stdout);
+            let named = stdout
+                .lines()
+                .find_map(|line| line.strip_prefix(WRONG_BYTES));
+            if let Some((_, url, expected)) = downloads
+                .into_iter()
+                .find(|(_, url, _)| Some(url.as_str()) == named)
+            {
+                return Err(Error::ChecksumMismatch { url, expected });
+            }
+        }
+        if fetched.exit_code != 0 {
+            let stderr = String::from_utf8_lossy(&fetched.stderr);
+            if let Some((url, said)) = failed_download(&stderr) {
+                return Err(Error::Download { url, said });
+            }
+            return Err(fetched.into_error(self.node.name()).into());
+        }
+        self.versions_after_fetch = Some(answers.collect());
         Ok(())
     }
+}
+
+/// The URL [`FETCH_VERIFIED`] was fetching when it failed, and the last line curl printed about
+/// it (or the exit status when it printed nothing), from the script's stderr.
+fn failed_download(stderr: &str) -> Option<(String, String)> {
+    let (_, from_last) = stderr.rsplit_once(FETCHING)?;
+    let (url, after) = from_last.split_once('\n').unwrap_or((from_last, ""));
+    let said = after
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or("curl failed");
+    Some((url.to_string(), said.to_string()))
 }
 
 /// A shell function, `sha256 FILE`, that prints `<sha256 hex> <path>` (see [`hash_line`]).
@@ -227,36 +308,56 @@ macro_rules! sha256_function {
     };
 }
 
-/// Downloads binaries in the node, each kept only if its sha256 is the published one, in one exec.
-/// Arguments: the directory, then `<url> <staged path> <sha256>` per binary. A download lands in
-/// `<staged path>.part` and is renamed into place only once its digest matches, so a partial or
-/// wrong file is never staged. On a wrong digest the script removes the download, prints
-/// [`WRONG_BYTES`] and its URL, and exits with [`FETCHED_WRONG_BYTES`]; a failed download removes
-/// what it wrote and fails the script, after saying on stderr which URL it was fetching.
+/// Downloads binaries in the node, each kept only if its sha256 is the published one, in one bash
+/// exec. Arguments: the directory, then `<url> <staged path> <sha256>` per binary. A download
+/// lands in `<staged path>.part` and is hashed in the background while the next one downloads
+/// (on a node with a core to spare, hashing then costs little more than the last file's). Once
+/// all are fetched, each is checked in order and renamed into place only if its digest matches,
+/// so a partial or wrong file is never staged. On a wrong digest the script removes what is not
+/// yet in place, prints [`WRONG_BYTES`] and the URL, and exits with [`FETCHED_WRONG_BYTES`]; a
+/// failed download removes every partial file and fails the script, after saying on stderr which
+/// URL it was fetching.
 const FETCH_VERIFIED: &str = concat!(
     sha256_function!(),
-    r#"set -e
-mkdir -p "$1"
+    r#"set -u
+dir=$1
 shift
-while [ $# -gt 0 ]; do
-  part="$2.part"
-  printf 'fetching %s\n' "$1" >&2
-  if ! curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "$1"; then
-    rm -f "$part"
+mkdir -p "$dir" || exit 1
+urls=() staged=() digests=()
+while [ $# -ge 3 ]; do
+  urls+=("$1") staged+=("$2") digests+=("$3")
+  shift 3
+done
+discard() {
+  wait
+  for s in "${staged[@]}"; do rm -f "$s.part" "$s.part.sum"; done
+}
+for i in "${!urls[@]}"; do
+  part="${staged[i]}.part"
+  printf 'fetching: %s\n' "${urls[i]}" >&2
+  if ! curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "${urls[i]}"; then
+    discard
     exit 1
   fi
-  sum=$(sha256 "$part")
-  if [ "${sum%% *}" != "$3" ]; then
-    rm -f "$part"
-    printf 'wrong sha256: %s\n' "$1"
+  sha256 "$part" > "$part.sum" &
+done
+wait
+for i in "${!urls[@]}"; do
+  part="${staged[i]}.part"
+  sum=
+  read -r sum _ < "$part.sum" || true
+  if [ "$sum" != "${digests[i]}" ]; then
+    discard
+    printf 'wrong sha256: %s\n' "${urls[i]}"
     exit 101
   fi
-  chmod 0755 "$part"
-  mv -f "$part" "$2"
-  shift 3
+  chmod 0755 "$part" && mv -f "$part" "${staged[i]}" && rm -f "$part.sum" || exit 1
 done
 "#
 );
+
+/// What [`FETCH_VERIFIED`] prints on stderr before the URL of each download it starts.
+const FETCHING: &str = "fetching: ";
 
 /// What [`FETCH_VERIFIED`] prints before the URL of a download with the wrong sha256.
 const WRONG_BYTES: &str = "wrong sha256: ";
@@ -376,7 +477,7 @@ mod tests {
         }
     }
 
-    /// Runs [`FETCH_VERIFIED`] with the host's `sh`, a `curl` that copies from `mirror` (by the
+    /// Runs [`FETCH_VERIFIED`] with the host's bash, a `curl` that copies from `mirror` (by the
     /// URL's last segment; a missing file is a failed download that leaves a partial one), and
     /// `(url, staged path, sha256)` per binary.
     fn fetch_verified_on_host(
@@ -393,7 +494,7 @@ mod tests {
             "#!/bin/sh\nfor url; do :; done\n\
              while [ $# -gt 0 ]; do [ \"$1\" = -o ] && out=$2; shift; done\n\
              cp \"$MIRROR/${url##*/}\" \"$out\" 2>/dev/null && exit 0\n\
-             echo partial > \"$out\"; exit 22\n",
+             echo partial > \"$out\"; echo 'the fake curl failed' >&2; exit 22\n",
         )
         .unwrap();
         std::fs::set_permissions(&curl, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -402,8 +503,8 @@ mod tests {
             fake.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let mut command = std::process::Command::new("/bin/sh");
-        command.args(["-c", FETCH_VERIFIED, "sh"]).arg(dir);
+        let mut command = std::process::Command::new("bash");
+        command.args(["-c", FETCH_VERIFIED, "bash"]).arg(dir);
         for (url, staged, digest) in binaries {
             command.arg(url).arg(staged).arg(digest);
         }
@@ -457,8 +558,9 @@ mod tests {
         assert!(!output.status.success());
         assert_ne!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            stderr.contains(&format!("fetching {}", url("kubectl"))),
+        assert_eq!(
+            failed_download(&stderr),
+            Some((url("kubectl"), "the fake curl failed".to_string())),
             "{stderr}"
         );
         assert!(!dir.join("kubectl").exists());
@@ -481,6 +583,25 @@ mod tests {
         assert_eq!(std::fs::read(&kubelet).unwrap(), b"kubelet bytes");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    #[test]
+    fn a_failed_download_is_named_with_what_curl_said() {
+        let stderr = "fetching: http://a/kubeadm\nfetching: http://a/kubelet\n\
+                      curl: (7) Failed to connect to a port 80\n";
+        assert_eq!(
+            failed_download(stderr),
+            Some((
+                "http://a/kubelet".to_string(),
+                "curl: (7) Failed to connect to a port 80".to_string()
+            ))
+        );
+        assert_eq!(
+            failed_download("fetching: http://a/kubeadm\n"),
+            Some(("http://a/kubeadm".to_string(), "curl failed".to_string()))
+        );
+        // Failing before any download (mkdir, say) is not a download's failure.
+        assert_eq!(failed_download("mkdir: cannot create directory\n"), None);
     }
 
     #[test]
