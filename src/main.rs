@@ -298,10 +298,17 @@ async fn cli_source(
             let node = nodes
                 .first()
                 .with_context(|| format!("cluster {cluster} has no node containers"))?;
-            SocketAddr::new(node.network_gateway().await?, 0)
+            let gateway = node.network_gateway().await.context(
+                "--serve-cache: pass --serve-cache-address with an IP:PORT of this host that \
+                 the nodes reach",
+            )?;
+            SocketAddr::new(gateway, 0)
         }
     };
-    let server = CacheServer::bind(address).await?;
+    let server = CacheServer::bind(address).await.context(
+        "--serve-cache: pass --serve-cache-address with an IP:PORT of this host that the nodes \
+         reach, or leave out --serve-cache to upload",
+    )?;
     Ok(Source::Serve { cache, server })
 }
 

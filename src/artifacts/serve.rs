@@ -29,8 +29,8 @@ const CHUNK: usize = 256 * 1024;
 /// Blob paths by digest, for what has been offered.
 type Offered = Arc<Mutex<HashMap<String, PathBuf>>>;
 
-/// An HTTP server of offered cache blobs. Cheap to clone; the server stops when the last clone
-/// is dropped.
+/// An HTTP server of offered cache blobs. Cheap to clone; when the last clone is dropped, the
+/// server stops accepting connections (downloads in progress run to their end).
 #[derive(Clone)]
 pub struct CacheServer {
     inner: Arc<Inner>,
@@ -57,8 +57,18 @@ impl std::fmt::Debug for CacheServer {
 }
 
 impl CacheServer {
-    /// Listens on `address` (port 0: any free port) and serves until dropped.
+    /// Listens on `address` (port 0: any free port) and serves until dropped. The address is
+    /// also what the nodes are told, so it must be one they reach: not `0.0.0.0` or `::`.
     pub async fn bind(address: SocketAddr) -> Result<CacheServer> {
+        if address.ip().is_unspecified() {
+            return Err(Error::Serve {
+                address,
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "an unspecified address is no address a node can reach",
+                )),
+            });
+        }
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .map_err(|source| Error::Serve {
@@ -171,7 +181,7 @@ mod tests {
         assert_eq!(url, format!("{}/sha256/{}", server.url(), "a".repeat(64)));
         assert_eq!(get(&url).await, (200, contents));
 
-        // Not offered, even though the file exists; and paths outside the route.
+        // Not offered, even though the file exists; and a path outside the route.
         let unoffered = format!("{}/sha256/{}", server.url(), "b".repeat(64));
         assert_eq!(get(&unoffered).await.0, 404);
         assert_eq!(

@@ -74,8 +74,8 @@ pub enum Error {
     #[error("container {container} is stopped ({status}); start it and retry")]
     Stopped { container: String, status: String },
     #[error(
-        "container {container} has no network with a gateway, so it cannot reach this host; \
-         stage by upload instead"
+        "container {container} has no network with a gateway, through which it would reach this \
+         host; give an address of this host it reaches, or stage by upload"
     )]
     NoGateway { container: String },
     #[error("container {container} is paused; unpause it and retry")]

@@ -269,11 +269,13 @@ impl<'a> Staging<'a> {
                 return Err(Error::ChecksumMismatch { url, expected });
             }
         }
-        if fetched.exit_code != 0 {
+        if fetched.exit_code == DOWNLOAD_FAILED {
             let stderr = String::from_utf8_lossy(&fetched.stderr);
             if let Some((url, said)) = failed_download(&stderr) {
                 return Err(Error::Download { url, said });
             }
+        }
+        if fetched.exit_code != 0 {
             return Err(fetched.into_error(self.node.name()).into());
         }
         self.versions_after_fetch = Some(answers.collect());
@@ -281,10 +283,10 @@ impl<'a> Staging<'a> {
     }
 }
 
-/// The URL [`FETCH_VERIFIED`] was fetching when it failed, and the last line curl printed about
-/// it (or the exit status when it printed nothing), from the script's stderr.
+/// The URL of the download [`FETCH_VERIFIED`] reports as failed, and the last line curl printed
+/// about it, from the script's stderr.
 fn failed_download(stderr: &str) -> Option<(String, String)> {
-    let (_, from_last) = stderr.rsplit_once(FETCHING)?;
+    let (_, from_last) = stderr.rsplit_once(CANNOT_DOWNLOAD)?;
     let (url, after) = from_last.split_once('\n').unwrap_or((from_last, ""));
     let said = after
         .lines()
@@ -309,55 +311,85 @@ macro_rules! sha256_function {
 }
 
 /// Downloads binaries in the node, each kept only if its sha256 is the published one, in one bash
-/// exec. Arguments: the directory, then `<url> <staged path> <sha256>` per binary. A download
-/// lands in `<staged path>.part` and is hashed in the background while the next one downloads
-/// (on a node with a core to spare, hashing then costs little more than the last file's). Once
-/// all are fetched, each is checked in order and renamed into place only if its digest matches,
-/// so a partial or wrong file is never staged. On a wrong digest the script removes what is not
-/// yet in place, prints [`WRONG_BYTES`] and the URL, and exits with [`FETCHED_WRONG_BYTES`]; a
-/// failed download removes every partial file and fails the script, after saying on stderr which
-/// URL it was fetching.
+/// exec. Arguments: the directory, then `<url> <staged path> <sha256>` per binary.
+///
+/// The downloads run at once, each into `<staged path>.part` and hashed as soon as it is
+/// complete, so that on a node with a core to spare the transfers and the hashing overlap. Once
+/// all are done, every digest is checked before any file is renamed into place, so a partial or
+/// wrong file is never staged. On any failure, and when `timeout` ends the exec, the script
+/// removes every file it wrote and exits:
+/// - with [`FETCHED_WRONG_BYTES`] after printing [`WRONG_BYTES`] and the URL on stdout, when a
+///   download has another digest than expected;
+/// - with [`DOWNLOAD_FAILED`] after printing [`CANNOT_DOWNLOAD`], the URL, and curl's own
+///   message on stderr, when a download fails;
+/// - with another code, and a message on stderr, when it cannot hash or place a file.
 const FETCH_VERIFIED: &str = concat!(
     sha256_function!(),
     r#"set -u
 dir=$1
 shift
 mkdir -p "$dir" || exit 1
-urls=() staged=() digests=()
+urls=() staged=() digests=() jobs=()
 while [ $# -ge 3 ]; do
   urls+=("$1") staged+=("$2") digests+=("$3")
   shift 3
 done
+if [ $# -ne 0 ]; then
+  echo "stray arguments: $*" >&2
+  exit 2
+fi
 discard() {
+  kill $(jobs -pr) 2>/dev/null
   wait
-  for s in "${staged[@]}"; do rm -f "$s.part" "$s.part.sum"; done
+  for s in "${staged[@]}"; do rm -f "$s.part" "$s.part.sum" "$s.part.err"; done
 }
+trap 'discard; exit 124' TERM INT
 for i in "${!urls[@]}"; do
   part="${staged[i]}.part"
-  printf 'fetching: %s\n' "${urls[i]}" >&2
-  if ! curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "${urls[i]}"; then
+  (
+    curl -fsSL --retry 3 --connect-timeout 10 -o "$part" "${urls[i]}" 2>"$part.err" || exit 102
+    sha256 "$part" >"$part.sum"
+  ) &
+  jobs+=($!)
+done
+for i in "${!urls[@]}"; do
+  wait "${jobs[i]}"
+  rc=$?
+  part="${staged[i]}.part"
+  if [ "$rc" -eq 102 ]; then
+    printf 'cannot download: %s\n' "${urls[i]}" >&2
+    cat "$part.err" >&2
+    discard
+    exit 102
+  fi
+  sum=
+  read -r sum _ <"$part.sum" 2>/dev/null
+  if [ "$rc" -ne 0 ] || [ "${#sum}" -ne 64 ]; then
+    printf 'cannot hash %s\n' "$part" >&2
     discard
     exit 1
   fi
-  sha256 "$part" > "$part.sum" &
-done
-wait
-for i in "${!urls[@]}"; do
-  part="${staged[i]}.part"
-  sum=
-  read -r sum _ < "$part.sum" || true
   if [ "$sum" != "${digests[i]}" ]; then
-    discard
     printf 'wrong sha256: %s\n' "${urls[i]}"
+    discard
     exit 101
   fi
-  chmod 0755 "$part" && mv -f "$part" "${staged[i]}" && rm -f "$part.sum" || exit 1
+done
+for i in "${!urls[@]}"; do
+  part="${staged[i]}.part"
+  if ! chmod 0755 "$part" || ! mv -f "$part" "${staged[i]}"; then
+    printf 'cannot place %s\n' "${staged[i]}" >&2
+    discard
+    exit 1
+  fi
+  rm -f "$part.sum" "$part.err"
 done
 "#
 );
 
-/// What [`FETCH_VERIFIED`] prints on stderr before the URL of each download it starts.
-const FETCHING: &str = "fetching: ";
+/// What [`FETCH_VERIFIED`] prints on stderr before the URL of a download that failed, and
+/// curl's message.
+const CANNOT_DOWNLOAD: &str = "cannot download: ";
 
 /// What [`FETCH_VERIFIED`] prints before the URL of a download with the wrong sha256.
 const WRONG_BYTES: &str = "wrong sha256: ";
@@ -365,6 +397,9 @@ const WRONG_BYTES: &str = "wrong sha256: ";
 /// [`FETCH_VERIFIED`]'s exit code for a download whose sha256 is not the published one; above
 /// every exit code curl uses.
 const FETCHED_WRONG_BYTES: i64 = 101;
+
+/// [`FETCH_VERIFIED`]'s exit code for a download that failed.
+const DOWNLOAD_FAILED: i64 = 102;
 
 /// Prints `<sha256 hex> <path>` for each existing file among its arguments.
 const HASH_FILES: &str = concat!(
@@ -485,6 +520,18 @@ mod tests {
         dir: &std::path::Path,
         binaries: &[(&str, &std::path::Path, &str)],
     ) -> std::process::Output {
+        fetch_verified_command(mirror, dir, binaries)
+            .output()
+            .unwrap()
+    }
+
+    /// [`fetch_verified_on_host`], not started. A URL ending in `slow` makes the fake curl write
+    /// a partial file and hang.
+    fn fetch_verified_command(
+        mirror: &std::path::Path,
+        dir: &std::path::Path,
+        binaries: &[(&str, &std::path::Path, &str)],
+    ) -> std::process::Command {
         use std::os::unix::fs::PermissionsExt;
         let fake = mirror.join("fake-bin");
         std::fs::create_dir_all(&fake).unwrap();
@@ -493,6 +540,7 @@ mod tests {
             &curl,
             "#!/bin/sh\nfor url; do :; done\n\
              while [ $# -gt 0 ]; do [ \"$1\" = -o ] && out=$2; shift; done\n\
+             [ \"${url##*/}\" = slow ] && { echo partial > \"$out\"; exec sleep 30; }\n\
              cp \"$MIRROR/${url##*/}\" \"$out\" 2>/dev/null && exit 0\n\
              echo partial > \"$out\"; echo 'the fake curl failed' >&2; exit 22\n",
         )
@@ -508,11 +556,18 @@ mod tests {
         for (url, staged, digest) in binaries {
             command.arg(url).arg(staged).arg(digest);
         }
+        command.env("PATH", path).env("MIRROR", mirror);
         command
-            .env("PATH", path)
-            .env("MIRROR", mirror)
-            .output()
+    }
+
+    /// The names in `dir`, sorted.
+    fn listing(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
     }
 
     #[test]
@@ -528,45 +583,56 @@ mod tests {
         let dir = node.path().join("v1.32.3/bin");
         let (kubeadm, kubelet) = (dir.join("kubeadm"), dir.join("kubelet"));
         let url = |name: &str| format!("http://mirror/v1.32.3/bin/linux/amd64/{name}");
+        let nothing: Vec<String> = Vec::new();
 
-        // The second download has other bytes than published: it is removed, not staged, and
-        // named; the first, checked before it, stays.
+        // The first download has other bytes than published: it is named, and neither it nor
+        // the right one after it is staged; no partial, digest or error file is left.
         let wrong = "0".repeat(64);
         let output = fetch_verified_on_host(
             mirror.path(),
             &dir,
             &[
-                (&url("kubeadm"), &kubeadm, &kubeadm_sum),
-                (&url("kubelet"), &kubelet, &wrong),
+                (&url("kubeadm"), &kubeadm, &wrong),
+                (&url("kubelet"), &kubelet, &kubelet_sum),
             ],
         );
         assert_eq!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
         assert_eq!(
             String::from_utf8_lossy(&output.stdout).trim(),
-            format!("{WRONG_BYTES}{}", url("kubelet"))
+            format!("{WRONG_BYTES}{}", url("kubeadm"))
         );
-        assert!(kubeadm.exists());
-        assert!(!kubelet.exists());
-        assert!(!dir.join("kubelet.part").exists());
+        assert_eq!(listing(&dir), nothing);
 
-        // A download that fails fails the script, says which it was, and leaves nothing.
+        // A download that fails (the second, after the first was fetched and hashed) fails the
+        // script, which names it with curl's message and leaves nothing.
         let output = fetch_verified_on_host(
             mirror.path(),
             &dir,
-            &[(&url("kubectl"), &dir.join("kubectl"), &kubeadm_sum)],
+            &[
+                (&url("kubeadm"), &kubeadm, &kubeadm_sum),
+                (&url("kubectl"), &dir.join("kubectl"), &kubeadm_sum),
+            ],
         );
-        assert!(!output.status.success());
-        assert_ne!(output.status.code(), Some(FETCHED_WRONG_BYTES as i32));
+        assert_eq!(output.status.code(), Some(DOWNLOAD_FAILED as i32));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(
             failed_download(&stderr),
             Some((url("kubectl"), "the fake curl failed".to_string())),
             "{stderr}"
         );
-        assert!(!dir.join("kubectl").exists());
-        assert!(!dir.join("kubectl.part").exists());
+        assert_eq!(listing(&dir), nothing);
 
-        // Right digests: staged, executable, no partial file left.
+        // Arguments that are not whole triples are refused before anything is fetched.
+        let output = std::process::Command::new("bash")
+            .args(["-c", FETCH_VERIFIED, "bash"])
+            .arg(&dir)
+            .args([url("kubeadm").as_str(), "only-a-path"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        assert_eq!(listing(&dir), nothing);
+
+        // Right digests: staged, executable, nothing else left.
         let output = fetch_verified_on_host(
             mirror.path(),
             &dir,
@@ -581,13 +647,45 @@ mod tests {
             assert_eq!(mode & 0o777, 0o755, "{}", staged.display());
         }
         assert_eq!(std::fs::read(&kubelet).unwrap(), b"kubelet bytes");
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(listing(&dir), ["kubeadm", "kubelet"]);
+    }
+
+    #[test]
+    fn a_fetch_ended_by_its_timeout_leaves_nothing() {
+        let mirror = tempfile::tempdir().unwrap();
+        let node = tempfile::tempdir().unwrap();
+        let dir = node.path().join("v1.32.3/bin");
+        let sum = "0".repeat(64);
+        let mut child = fetch_verified_command(
+            mirror.path(),
+            &dir,
+            &[("http://mirror/slow", &dir.join("kubelet"), &sum)],
+        )
+        .spawn()
+        .unwrap();
+        let part = dir.join("kubelet.part");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !part.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fake curl never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // What coreutils `timeout` sends when the exec's time is up.
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(child.wait().unwrap().code(), Some(124));
+        let left: Vec<String> = listing(&dir);
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
     fn a_failed_download_is_named_with_what_curl_said() {
-        let stderr = "fetching: http://a/kubeadm\nfetching: http://a/kubelet\n\
+        let stderr = "cannot download: http://a/kubelet\n\
                       curl: (7) Failed to connect to a port 80\n";
         assert_eq!(
             failed_download(stderr),
@@ -597,11 +695,10 @@ mod tests {
             ))
         );
         assert_eq!(
-            failed_download("fetching: http://a/kubeadm\n"),
+            failed_download("cannot download: http://a/kubeadm\n"),
             Some(("http://a/kubeadm".to_string(), "curl failed".to_string()))
         );
-        // Failing before any download (mkdir, say) is not a download's failure.
-        assert_eq!(failed_download("mkdir: cannot create directory\n"), None);
+        assert_eq!(failed_download("cannot place /x/kubeadm\n"), None);
     }
 
     #[test]
