@@ -158,6 +158,10 @@ async fn upgrade_a_cluster_from_the_command_line() {
         !staged_before.contains("v1.32.99"),
         "a failed stage leaves nothing behind: {staged_before}"
     );
+    assert!(
+        !staged_before.contains("lease"),
+        "stage released the node's lease: {staged_before}"
+    );
     let network_mirror = cluster.mirror().network_url.clone();
     for binary in ["kubeadm", "kubelet", "kubectl"] {
         let url = format!("{network_mirror}/v1.32.3/bin/linux/amd64/{binary}.sha256");

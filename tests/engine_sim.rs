@@ -502,5 +502,17 @@ async fn binaries_served_from_the_cache_reach_the_node_through_its_gateway() {
         downloaded,
         "the first attempt cached everything"
     );
+
+    // Staging alone: the node's lease is released in the exec that fetched.
+    f.engine
+        .stage(&target(&f, &cp, "v1.32.3"), &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        stdout(&f, &cp, &["ls", "/var/lib/capd-inplace/v1.32.3/bin"]).await,
+        "kubeadm\nkubectl\nkubelet"
+    );
+    let root = stdout(&f, &cp, &["ls", "-A", "/var/lib/capd-inplace"]).await;
+    assert!(!root.contains("lease"), "{root}");
     f.cluster.down().await.unwrap();
 }

@@ -162,14 +162,33 @@ printf '%s %s\n' "$owner" "$((now + ttl))" > "$lease.tmp"
 mv -f "$lease.tmp" "$lease"
 "#;
 
-/// Releases the lease if, and only if, `OWNER` holds it.
+/// Extends the lease of `OWNER` by `TTL` seconds from now, run as [`LEASE_ACQUIRE`] is. Unlike
+/// it, never takes a lease that `OWNER` does not hold: exit [`LEASE_HELD`], with the holder (or
+/// `nobody`) printed, means the lease was lost, perhaps taken and released by another upgrader.
+/// So a renewal that runs just after its owner released the lease cannot take it back.
+pub const LEASE_RENEW: &str = r#"set -eu
+lease="$1"; owner="$2"; ttl="$3"
+holder=
+if [ -s "$lease" ]; then read -r holder expires < "$lease" || true; fi
+if [ "$holder" != "$owner" ]; then
+  echo "${holder:-nobody}"
+  exit 75
+fi
+printf '%s %s\n' "$owner" "$(($(date +%s) + ttl))" > "$lease.tmp"
+mv -f "$lease.tmp" "$lease"
+"#;
+
+/// Releases the lease if, and only if, `OWNER` holds it, and then prints [`RELEASED`].
 pub const LEASE_RELEASE: &str = r#"set -eu
 lease="$1"; owner="$2"
 if [ -s "$lease" ]; then
   read -r holder expires < "$lease" || true
-  if [ "${holder:-}" = "$owner" ]; then rm -f "$lease"; fi
+  if [ "${holder:-}" = "$owner" ]; then rm -f "$lease"; echo released; fi
 fi
 "#;
+
+/// What [`LEASE_RELEASE`] prints when it removed the owner's lease: the owner held it until then.
+pub const RELEASED: &str = "released";
 
 /// The exit code of [`LEASE_ACQUIRE`] when someone else holds the lease.
 pub const LEASE_HELD: i64 = 75;
@@ -239,12 +258,25 @@ mod tests {
         let other = run(LEASE_ACQUIRE, &[lease, "b", "60"]);
         assert_eq!(other.status.code(), Some(LEASE_HELD as i32));
         assert!(String::from_utf8_lossy(&other.stdout).starts_with("a "));
-        assert!(run(LEASE_RELEASE, &[lease, "b"]).status.success());
+        assert!(run(LEASE_RENEW, &[lease, "a", "60"]).status.success());
+        let renewed_by_other = run(LEASE_RENEW, &[lease, "b", "60"]);
+        assert_eq!(renewed_by_other.status.code(), Some(LEASE_HELD as i32));
+        assert_eq!(String::from_utf8_lossy(&renewed_by_other.stdout), "a\n");
+        let not_released = run(LEASE_RELEASE, &[lease, "b"]);
+        assert!(not_released.status.success());
+        assert_eq!(String::from_utf8_lossy(&not_released.stdout), "");
         assert!(
             std::path::Path::new(lease).exists(),
             "only the holder releases"
         );
-        assert!(run(LEASE_RELEASE, &[lease, "a"]).status.success());
+        let released = run(LEASE_RELEASE, &[lease, "a"]);
+        assert!(released.status.success());
+        assert_eq!(String::from_utf8_lossy(&released.stdout).trim(), RELEASED);
+        // Released, the lease is nobody's: a late renewal does not take it back.
+        let late = run(LEASE_RENEW, &[lease, "a", "60"]);
+        assert_eq!(late.status.code(), Some(LEASE_HELD as i32));
+        assert_eq!(String::from_utf8_lossy(&late.stdout), "nobody\n");
+        assert!(!std::path::Path::new(lease).exists());
         assert!(run(LEASE_ACQUIRE, &[lease, "b", "0"]).status.success());
         assert!(
             run(LEASE_ACQUIRE, &[lease, "a", "60"]).status.success(),

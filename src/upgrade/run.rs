@@ -229,23 +229,25 @@ impl Engine {
             let lease = claim
                 .take(&node, next_answer(&mut answers))
                 .map_err(step_error)?;
+            let mut staging = None;
             let outcome = async {
                 let arch: Arch = stdout_of(next_answer(&mut answers), node.name())?
                     .trim()
                     .parse()?;
-                let mut staging = Staging::new(
+                let staging = staging.insert(Staging::new(
                     node.clone(),
                     target.version,
                     &options.source,
                     arch,
                     &self.timeouts,
                     next_answer(&mut answers),
-                );
+                ));
+                staging.ask_last(lease.release_command());
                 if !staging.is_done().await? {
                     staging.stage().await?;
                     staging.verify().await?;
                 }
-                lease.check()
+                Ok(())
             }
             .await;
             info!(
@@ -253,7 +255,23 @@ impl Engine {
                 ok = outcome.is_ok(),
                 "staged"
             );
-            lease.release().await;
+            let released = staging
+                .as_ref()
+                .and_then(Staging::last_answer)
+                .is_some_and(|answer| {
+                    answer.exit_code == 0
+                        && String::from_utf8_lossy(&answer.stdout).trim() == journal::RELEASED
+                });
+            let outcome = if released {
+                // The last exec of the work released the lease, so the work ran under it; a
+                // renewal racing that release may have found it gone since, which is no loss.
+                drop(lease);
+                outcome
+            } else {
+                let outcome = outcome.and_then(|()| lease.check());
+                lease.release().await;
+                outcome
+            };
             outcome.map_err(step_error)
         }
         .instrument(span)
@@ -399,7 +417,7 @@ impl Lease {
                 async move {
                     loop {
                         tokio::time::sleep(ttl / 3).await;
-                        if let Err(e) = try_take(&node, &owner, ttl).await {
+                        if let Err(e) = renew(&node, &owner, ttl).await {
                             warn!(error = %e, "could not renew the node lease");
                             if matches!(e, Error::Busy { .. }) {
                                 lost.store(true, Ordering::SeqCst);
@@ -441,10 +459,14 @@ impl Lease {
     }
 }
 
-/// Takes or renews the lease in an exec of its own.
-async fn try_take(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
-    let acquire = acquire_command(owner, ttl).timeout(Duration::from_secs(30));
-    lease_answer(node, node.exec(acquire).await?)
+/// Extends a lease this process holds, in an exec of its own; [`Error::Busy`] when it no longer
+/// holds it.
+async fn renew(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
+    let renew = under_lease_lock(journal::LEASE_RENEW)
+        .arg(owner)
+        .arg(ttl.as_secs().to_string())
+        .timeout(Duration::from_secs(30));
+    lease_answer(node, node.exec(renew).await?)
 }
 
 fn acquire_command(owner: &str, ttl: Duration) -> Command {

@@ -29,6 +29,10 @@ pub(super) struct Staging<'a> {
     /// The staged binaries' answers to [`ASKED_VERSIONS`], when the node fetched them itself:
     /// asked in the same exec as the fetch, right after it.
     versions_after_fetch: Option<Vec<ExecOutput>>,
+    /// A command to ask last in the step's final exec, and then its answer: how `capd-inplace
+    /// stage` releases the node's lease without an exec of its own.
+    ask_last: Option<Command>,
+    last_answer: Option<ExecOutput>,
 }
 
 /// The staged binaries asked their version before they are installed.
@@ -54,7 +58,35 @@ impl<'a> Staging<'a> {
             cached: None,
             staged_when_leased,
             versions_after_fetch: None,
+            ask_last: None,
+            last_answer: None,
         }
+    }
+
+    /// Asks `command` last in the step's final exec, if the step runs one (not when it was
+    /// already done); [`Staging::last_answer`] then holds its answer.
+    pub(super) fn ask_last(&mut self, command: Command) {
+        self.ask_last = Some(command);
+    }
+
+    /// The answer to the command given to [`Staging::ask_last`], once asked.
+    pub(super) fn last_answer(&self) -> Option<&ExecOutput> {
+        self.last_answer.as_ref()
+    }
+
+    /// Runs `batch` with the [`Staging::ask_last`] command as its last question, which it keeps
+    /// apart from the answers it returns.
+    async fn run_final(&mut self, mut batch: Batch) -> Result<Vec<ExecOutput>> {
+        if let Some(last) = &self.ask_last {
+            batch.push(last);
+        }
+        let asked = batch.len();
+        let mut answers = batch.run(&self.node).await?;
+        // Fewer answers: a step failed, and no question was asked.
+        if self.ask_last.is_some() && answers.len() == asked {
+            self.last_answer = answers.pop();
+        }
+        Ok(answers)
     }
 
     /// Whether every binary was already staged with its published digest when the lease was
@@ -142,7 +174,7 @@ impl<'a> Staging<'a> {
                 for binary in ASKED_VERSIONS {
                     batch.push(&version_command(binary, &self.paths.staged(binary.name())));
                 }
-                let mut answers = batch.run(&self.node).await?.into_iter();
+                let mut answers = self.run_final(batch).await?.into_iter();
                 let wrong = self.mismatched(&next_answer(&mut answers));
                 if !wrong.is_empty() {
                     self.distrust(&wrong).await;
@@ -255,7 +287,7 @@ impl<'a> Staging<'a> {
         for binary in ASKED_VERSIONS {
             batch.push(&version_command(binary, &self.paths.staged(binary.name())));
         }
-        let mut answers = batch.run(&self.node).await?.into_iter();
+        let mut answers = self.run_final(batch).await?.into_iter();
         let fetched = next_answer(&mut answers);
         if fetched.exit_code == FETCHED_WRONG_BYTES {
             let stdout = String::from_utf8_lossy(&fetched.stdout);
