@@ -224,6 +224,11 @@ struct ServeArgs {
     #[arg(long, env = "CAPD_INPLACE_MAX_CONCURRENT_UPGRADES", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     max_concurrent_upgrades: u64,
 
+    /// Serve the verified artifact cache over plain HTTP on this IP:PORT, for requests whose
+    /// serveCache setting is "true": an address of the extension that the nodes reach.
+    #[arg(long, env = "CAPD_INPLACE_CACHE_SERVER_ADDRESS")]
+    cache_server_address: Option<SocketAddr>,
+
     #[command(flatten)]
     artifacts: ArtifactArgs,
 
@@ -405,9 +410,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .open(PathBuf::from("/var/cache/capd-inplace"))
         .await?;
     let engine = Engine::new(Docker::connect().await?, Timeouts::default());
+    let cache_server = match args.cache_server_address {
+        Some(address) => Some(CacheServer::bind(address).await?),
+        None => None,
+    };
     let handler = Arc::new(EngineHandler::new(
         engine,
         caches,
+        cache_server,
         metrics.clone(),
         EventSink::from_environment(),
         usize::try_from(args.max_concurrent_upgrades).unwrap_or(10),

@@ -7,8 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capd_inplace::artifacts::{ArtifactCache, ArtifactSource, CacheServer, FetchConfig};
+use capd_inplace::artifacts::{
+    ArtifactCache, ArtifactCaches, ArtifactSource, CacheServer, FetchConfig,
+};
+use capd_inplace::hooks::types::{ResponseStatus, UpdateMachineRequest};
+use capd_inplace::hooks::update_machine::{EngineHandler, UpdateMachineHandler};
 use capd_inplace::node::Docker;
+use capd_inplace::telemetry::{EventSink, metrics::Metrics};
 use capd_inplace::upgrade::cluster::{self, NodeOutcome};
 use capd_inplace::upgrade::jobs::Progress;
 use capd_inplace::upgrade::{Engine, NodeTarget, Options, Outcome, Source, Step, Timeouts};
@@ -352,18 +357,12 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
     f.cluster.down().await.unwrap();
 }
 
-/// UpdateMachine as CAPI drives it, straight on the handler: 50 concurrent duplicate calls start
-/// exactly one upgrade, and polling then reaches done with the node verified.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_update_machine_calls_join_one_job() {
-    use capd_inplace::artifacts::ArtifactCaches;
-    use capd_inplace::hooks::types::{ResponseStatus, UpdateMachineRequest};
-    use capd_inplace::hooks::update_machine::{EngineHandler, UpdateMachineHandler};
-    use capd_inplace::telemetry::{EventSink, metrics::Metrics};
-
-    let f = fixture("eng-dup", 1, 0, "v1.31.4").await;
-    let cp = f.cluster.control_plane().name.clone();
-    let cache = tempfile::tempdir().unwrap();
+/// An UpdateMachine handler with its own cache of `f`'s mirror, and its metrics.
+async fn update_machine_handler(
+    f: &Fixture,
+    cache: &tempfile::TempDir,
+    cache_server: Option<CacheServer>,
+) -> (Arc<EngineHandler>, Metrics) {
     let source = ArtifactSource::parse(&f.cluster.mirror().host_url).unwrap();
     let caches = ArtifactCaches::open(cache.path(), source, FetchConfig::default())
         .await
@@ -372,20 +371,70 @@ async fn duplicate_update_machine_calls_join_one_job() {
     let handler = Arc::new(EngineHandler::new(
         f.engine.clone(),
         caches,
+        cache_server,
         metrics.clone(),
         EventSink::disabled(),
         4,
     ));
+    (handler, metrics)
+}
+
+/// The testdata UpdateMachine request, for `node` of `f`'s cluster going to `version`, with
+/// `settings` added.
+fn update_machine_request(
+    f: &Fixture,
+    node: &str,
+    version: &str,
+    settings: &[(&str, &str)],
+) -> UpdateMachineRequest {
     let mut request: serde_json::Value = serde_json::from_str(include_str!(
         "../testdata/hooks/update-machine.request.json"
     ))
     .unwrap();
     let machine = &mut request["desired"]["machine"];
-    machine["metadata"]["name"] = cp.clone().into();
+    machine["metadata"]["name"] = node.into();
     machine["spec"]["clusterName"] = f.cluster.name().into();
-    machine["spec"]["version"] = "v1.32.3".into();
-    machine["spec"]["providerID"] = format!("docker:////{cp}").into();
-    let request: UpdateMachineRequest = serde_json::from_value(request).unwrap();
+    machine["spec"]["version"] = version.into();
+    machine["spec"]["providerID"] = format!("docker:////{node}").into();
+    for (name, value) in settings {
+        request["settings"][name] = (*value).into();
+    }
+    serde_json::from_value(request).unwrap()
+}
+
+/// Polls as CAPI does until the handler answers done, which must be within two minutes.
+async fn poll_until_done(handler: &EngineHandler, request: &UpdateMachineRequest, version: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let response = handler.update_machine(request.clone()).await;
+        assert_eq!(
+            response.status,
+            ResponseStatus::Success,
+            "{}",
+            response.message
+        );
+        if response.retry_after_seconds == 0 {
+            assert_eq!(response.message, format!("upgraded to {version}"));
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {}",
+            response.message
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// UpdateMachine as CAPI drives it, straight on the handler: 50 concurrent duplicate calls start
+/// exactly one upgrade, and polling then reaches done with the node verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_update_machine_calls_join_one_job() {
+    let f = fixture("eng-dup", 1, 0, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    let cache = tempfile::tempdir().unwrap();
+    let (handler, metrics) = update_machine_handler(&f, &cache, None).await;
+    let request = update_machine_request(&f, &cp, "v1.32.3", &[]);
 
     let calls: Vec<_> = (0..50)
         .map(|_| {
@@ -403,26 +452,7 @@ async fn duplicate_update_machine_calls_join_one_job() {
         );
         assert!(response.retry_after_seconds > 0, "{}", response.message);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let response = handler.update_machine(request.clone()).await;
-        assert_eq!(
-            response.status,
-            ResponseStatus::Success,
-            "{}",
-            response.message
-        );
-        if response.retry_after_seconds == 0 {
-            assert_eq!(response.message, "upgraded to v1.32.3");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still {}",
-            response.message
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    poll_until_done(&handler, &request, "v1.32.3").await;
     let text = metrics.encode();
     assert!(
         text.contains("capd_inplace_upgrades_started_total 1\n"),
@@ -432,6 +462,54 @@ async fn duplicate_update_machine_calls_join_one_job() {
         text.contains("capd_inplace_upgrades_succeeded_total 1\n"),
         "{text}"
     );
+    assert_upgraded(&f, &cp, "v1.32.3", true).await;
+    f.cluster.down().await.unwrap();
+}
+
+/// The serveCache setting: refused by an extension without a cache server, and the node then
+/// untouched; with one, the node downloads from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_machine_with_the_serve_cache_setting() {
+    let f = fixture("eng-serve", 1, 0, "v1.31.4").await;
+    let cp = f.cluster.control_plane().name.clone();
+    let request = update_machine_request(&f, &cp, "v1.32.3", &[("serveCache", "true")]);
+
+    let cache = tempfile::tempdir().unwrap();
+    let (without_server, _) = update_machine_handler(&f, &cache, None).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let response = without_server.update_machine(request.clone()).await;
+        if response.status == ResponseStatus::Failure {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", response.message);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        refused.message.contains("--cache-server-address"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(
+        stdout(&f, &cp, &["kubeadm", "version", "-o", "short"]).await,
+        "v1.31.4"
+    );
+    drop(without_server);
+
+    let docker = Docker::connect().await.unwrap();
+    let gateway = docker
+        .locate(f.cluster.name(), &cp)
+        .await
+        .unwrap()
+        .network_gateway()
+        .await
+        .unwrap();
+    let server = CacheServer::bind(SocketAddr::new(gateway, 0))
+        .await
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (handler, _) = update_machine_handler(&f, &cache, Some(server)).await;
+    poll_until_done(&handler, &request, "v1.32.3").await;
     assert_upgraded(&f, &cp, "v1.32.3", true).await;
     f.cluster.down().await.unwrap();
 }

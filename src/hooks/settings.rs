@@ -8,6 +8,7 @@
 //! | `drainTimeout` | a Go duration, `1s` to `2h` (`"5m"`) | How long `kubectl drain` may take before the step fails. |
 //! | `artifactURL` | an `https://`, `http://` or `file://` base laid out like `https://dl.k8s.io/release` (the `--artifact-url` flag) | Where kubeadm, kubelet and kubectl and their `.sha256` files come from. |
 //! | `fetchInNode` | `"true"` / `"false"` (`"false"`) | `"true"`: each node downloads the binaries itself with curl from `artifactURL` and checks them against the published sha256, instead of the extension uploading them from its verified cache. |
+//! | `serveCache` | `"true"` / `"false"` (`"false"`) | `"true"`: each node downloads the binaries with curl from the extension's own server of its verified cache (`serve --cache-server-address`, which the nodes must reach), checking each against its sha256, instead of the extension uploading them through the Docker Engine. Not with `fetchInNode`. |
 //! | `kindImageRepositories` | comma-separated repositories (`"kindest/node,docker.io/kindest/node"`) | Repositories whose `<repo>:<desired version>[@sha256:<digest>]` image counts as the version-coupled kind node image on DockerMachine(Template) `customImage` and DevMachine(Template) `backend.docker.customImage`. Add a mirror here, for example `registry.example:5000/kindest/node`. |
 //!
 //! A setting with a value outside its range makes the call decline (Success, no patches) with a
@@ -33,8 +34,10 @@ pub const DRAIN_TIMEOUT: &str = "drainTimeout";
 pub const ARTIFACT_URL: &str = "artifactURL";
 /// Name of the fetch-inside-the-node setting.
 pub const FETCH_IN_NODE: &str = "fetchInNode";
+/// Name of the setting that serves the verified cache to the nodes.
+pub const SERVE_CACHE: &str = "serveCache";
 /// Every setting this extension reads.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     DISABLE_IN_PLACE_UPDATES,
     WORKER_MAX_MINOR_SKEW,
     KIND_IMAGE_REPOSITORIES,
@@ -42,6 +45,7 @@ pub const ALL: [&str; 7] = [
     DRAIN_TIMEOUT,
     ARTIFACT_URL,
     FETCH_IN_NODE,
+    SERVE_CACHE,
 ];
 const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 
@@ -76,6 +80,7 @@ pub struct Settings {
     /// `None`: the extension's `--artifact-url`.
     pub artifact_url: Option<ArtifactSource>,
     pub fetch_in_node: bool,
+    pub serve_cache: bool,
 }
 
 impl Default for Settings {
@@ -91,6 +96,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(300),
             artifact_url: None,
             fetch_in_node: false,
+            serve_cache: false,
         }
     }
 }
@@ -102,8 +108,15 @@ impl Settings {
             disable_in_place_updates: boolean(map, DISABLE_IN_PLACE_UPDATES, false)?,
             drain: boolean(map, DRAIN, true)?,
             fetch_in_node: boolean(map, FETCH_IN_NODE, false)?,
+            serve_cache: boolean(map, SERVE_CACHE, false)?,
             ..Self::default()
         };
+        if settings.fetch_in_node && settings.serve_cache {
+            return Err(Error::Invalid {
+                name: SERVE_CACHE,
+                expected: "\"false\" when fetchInNode is \"true\" (the nodes fetch from one place)",
+            });
+        }
         if let Some(value) = map.get(DRAIN_TIMEOUT) {
             settings.drain_timeout = parse_go_duration(value.trim())
                 .filter(|d| (Duration::from_secs(1)..=MAX_DRAIN_TIMEOUT).contains(d))
@@ -239,7 +252,15 @@ mod test {
             (FETCH_IN_NODE, "true"),
         ]))
         .unwrap();
-        assert!(!engine.drain && engine.fetch_in_node);
+        assert!(!engine.drain && engine.fetch_in_node && !engine.serve_cache);
+        let served = Settings::from_map(&map(&[(SERVE_CACHE, "true")])).unwrap();
+        assert!(served.serve_cache && !served.fetch_in_node);
+        let both = Settings::from_map(&map(&[(FETCH_IN_NODE, "true"), (SERVE_CACHE, "true")]));
+        assert!(
+            both.unwrap_err()
+                .to_string()
+                .starts_with("invalid setting serveCache:")
+        );
         assert_eq!(engine.drain_timeout, Duration::from_secs(5400));
         assert_eq!(
             engine
@@ -275,6 +296,7 @@ mod test {
             (ARTIFACT_URL, "ftp://mirror/release"),
             (ARTIFACT_URL, "https://user:secret@mirror/release"),
             (FETCH_IN_NODE, "1"),
+            (SERVE_CACHE, "on"),
         ];
         for (name, value) in cases {
             let err = Settings::from_map(&map(&[(name, value)])).unwrap_err();

@@ -16,7 +16,7 @@ use super::settings::Settings;
 use super::types::{
     HookResponse, ResponseStatus, UpdateMachineRequest, UpdateMachineResponse, object,
 };
-use crate::artifacts::ArtifactCaches;
+use crate::artifacts::{ArtifactCaches, CacheServer};
 use crate::node::ProviderId;
 use crate::telemetry::{EventSink, metrics::Metrics};
 use crate::upgrade::jobs::{JobRegistry, MachineKey, Poll, Progress, Runner};
@@ -40,9 +40,12 @@ pub struct EngineHandler {
 }
 
 impl EngineHandler {
+    /// `cache_server`: where the nodes download from when a request's `serveCache` setting asks
+    /// for it; `None` makes such requests fail with a message saying so.
     pub fn new(
         engine: Engine,
         caches: ArtifactCaches,
+        cache_server: Option<CacheServer>,
         metrics: Metrics,
         events: EventSink,
         max_concurrent_upgrades: usize,
@@ -50,6 +53,7 @@ impl EngineHandler {
         let runner = JobRunner {
             engine,
             caches,
+            cache_server,
             metrics,
             events,
         };
@@ -173,6 +177,7 @@ fn is_dns_subdomain(name: &str) -> bool {
 pub struct JobRunner {
     engine: Engine,
     caches: ArtifactCaches,
+    cache_server: Option<CacheServer>,
     metrics: Metrics,
     events: EventSink,
 }
@@ -192,12 +197,23 @@ impl JobRunner {
                 base_url: base.as_str().to_string(),
             }
         } else {
-            Source::Upload(
-                self.caches
-                    .get(artifact_url)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            )
+            let cache = self
+                .caches
+                .get(artifact_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            match (&self.cache_server, settings.serve_cache) {
+                (_, false) => Source::Upload(cache),
+                (Some(server), true) => Source::Serve {
+                    cache,
+                    server: server.clone(),
+                },
+                (None, true) => {
+                    return Err("serveCache needs the extension started with \
+                                --cache-server-address, an address of it the nodes reach"
+                        .into());
+                }
+            }
         };
         let mut options = Options::new(source);
         options.drain = settings.drain;

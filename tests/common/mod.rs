@@ -66,7 +66,14 @@ pub async fn engine_state(cache_dir: &Path) -> AppState {
         .unwrap();
     let engine = Engine::new(Docker::connect().await.unwrap(), Timeouts::default());
     let metrics = Metrics::new();
-    let handler = EngineHandler::new(engine, caches, metrics.clone(), EventSink::disabled(), 4);
+    let handler = EngineHandler::new(
+        engine,
+        caches,
+        None,
+        metrics.clone(),
+        EventSink::disabled(),
+        4,
+    );
     AppState::new(Arc::new(handler), metrics)
 }
 
