@@ -136,7 +136,7 @@ struct DeliveryArgs {
 
     /// Where --serve-cache listens, IP:PORT, instead of the nodes' gateway on a free port.
     #[arg(long, requires = "serve_cache")]
-    serve_cache_address: Option<SocketAddr>,
+    cache_server_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -296,7 +296,7 @@ async fn cli_source(
     if !delivery.serve_cache {
         return Ok(Source::Upload(cache));
     }
-    let address = match delivery.serve_cache_address {
+    let address = match delivery.cache_server_address {
         Some(address) => address,
         None => {
             let nodes = docker.cluster_nodes(cluster).await?;
@@ -304,14 +304,14 @@ async fn cli_source(
                 .first()
                 .with_context(|| format!("cluster {cluster} has no node containers"))?;
             let gateway = node.network_gateway().await.context(
-                "--serve-cache: pass --serve-cache-address with an IP:PORT of this host that \
+                "--serve-cache: pass --cache-server-address with an IP:PORT of this host that \
                  the nodes reach",
             )?;
             SocketAddr::new(gateway, 0)
         }
     };
     let server = CacheServer::bind(address).await.context(
-        "--serve-cache: pass --serve-cache-address with an IP:PORT of this host that the nodes \
+        "--serve-cache: pass --cache-server-address with an IP:PORT of this host that the nodes \
          reach, or leave out --serve-cache to upload",
     )?;
     Ok(Source::Serve { cache, server })

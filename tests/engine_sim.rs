@@ -508,8 +508,9 @@ async fn update_machine_with_the_serve_cache_setting() {
         .await
         .unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let (handler, _) = update_machine_handler(&f, &cache, Some(server)).await;
+    let (handler, _) = update_machine_handler(&f, &cache, Some(server.clone())).await;
     poll_until_done(&handler, &request, "v1.32.3").await;
+    assert_eq!(server.served(), 3, "the node downloaded the three binaries");
     assert_upgraded(&f, &cp, "v1.32.3", true).await;
     f.cluster.down().await.unwrap();
 }
@@ -564,7 +565,10 @@ async fn binaries_served_from_the_cache_reach_the_node_through_its_gateway() {
         .await
         .unwrap();
     let downloaded = cache.stats().bytes_downloaded;
-    let options = Options::new(Source::Serve { cache, server });
+    let options = Options::new(Source::Serve {
+        cache,
+        server: server.clone(),
+    });
     let outcome = f
         .engine
         .upgrade(&target(&f, &cp, "v1.31.9"), &options, &tx)
@@ -580,6 +584,7 @@ async fn binaries_served_from_the_cache_reach_the_node_through_its_gateway() {
         downloaded,
         "the first attempt cached everything"
     );
+    assert_eq!(server.served(), 3, "the node downloaded the three binaries");
 
     // Staging alone: the node's lease is released in the exec that fetched.
     f.engine

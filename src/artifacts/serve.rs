@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
@@ -26,8 +27,14 @@ use super::{CachedArtifact, Error, Result};
 /// Read size when streaming a blob: large enough that a 200 MB set costs few system calls.
 const CHUNK: usize = 256 * 1024;
 
-/// Blob paths by digest, for what has been offered.
-type Offered = Arc<Mutex<HashMap<String, PathBuf>>>;
+/// What the handler shares with the server's handle.
+#[derive(Default)]
+struct Shared {
+    /// Blob paths by digest, for what has been offered.
+    offered: Mutex<HashMap<String, PathBuf>>,
+    /// Downloads answered with a blob.
+    served: AtomicU64,
+}
 
 /// An HTTP server of offered cache blobs. Cheap to clone; when the last clone is dropped, the
 /// server stops accepting connections (downloads in progress run to their end).
@@ -38,7 +45,7 @@ pub struct CacheServer {
 
 struct Inner {
     url: String,
-    offered: Offered,
+    shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
 
@@ -79,10 +86,10 @@ impl CacheServer {
             address,
             source: Arc::new(source),
         })?;
-        let offered = Offered::default();
+        let shared = Arc::new(Shared::default());
         let router = Router::new()
             .route("/sha256/{digest}", get(blob))
-            .with_state(Arc::clone(&offered));
+            .with_state(Arc::clone(&shared));
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 warn!(error = %e, "the cache server stopped");
@@ -92,7 +99,7 @@ impl CacheServer {
         Ok(CacheServer {
             inner: Arc::new(Inner {
                 url: format!("http://{bound}"),
-                offered,
+                shared,
                 task,
             }),
         })
@@ -103,9 +110,15 @@ impl CacheServer {
         &self.inner.url
     }
 
+    /// How many downloads were answered with a blob (started, not necessarily finished).
+    pub fn served(&self) -> u64 {
+        self.inner.shared.served.load(Ordering::Relaxed)
+    }
+
     /// Makes `artifact` downloadable and returns its URL.
     pub fn offer(&self, artifact: &CachedArtifact) -> String {
         self.inner
+            .shared
             .offered
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -114,8 +127,9 @@ impl CacheServer {
     }
 }
 
-async fn blob(State(offered): State<Offered>, Path(digest): Path<String>) -> Response {
-    let path = offered
+async fn blob(State(shared): State<Arc<Shared>>, Path(digest): Path<String>) -> Response {
+    let path = shared
+        .offered
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get(&digest)
@@ -131,6 +145,7 @@ async fn blob(State(offered): State<Offered>, Path(digest): Path<String>) -> Res
     match opened.await {
         Ok((file, size)) => {
             debug!(digest, size, "serving a blob");
+            shared.served.fetch_add(1, Ordering::Relaxed);
             (
                 [
                     (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -180,6 +195,7 @@ mod tests {
         let url = server.offer(&artifact(path, &"a".repeat(64)));
         assert_eq!(url, format!("{}/sha256/{}", server.url(), "a".repeat(64)));
         assert_eq!(get(&url).await, (200, contents));
+        assert_eq!(server.served(), 1);
 
         // Not offered, even though the file exists; and a path outside the route.
         let unoffered = format!("{}/sha256/{}", server.url(), "b".repeat(64));
@@ -196,6 +212,7 @@ mod tests {
         let gone_url = server.offer(&artifact(gone.clone(), &"c".repeat(64)));
         std::fs::remove_file(&gone).unwrap();
         assert_eq!(get(&gone_url).await.0, 500);
+        assert_eq!(server.served(), 1, "only the one blob was served");
 
         // Dropping the last handle stops the server.
         let base = server.url().to_string();

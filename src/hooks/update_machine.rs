@@ -197,22 +197,23 @@ impl JobRunner {
                 base_url: base.as_str().to_string(),
             }
         } else {
-            let cache = self
-                .caches
-                .get(artifact_url)
-                .await
-                .map_err(|e| e.to_string())?;
-            match (&self.cache_server, settings.serve_cache) {
-                (_, false) => Source::Upload(cache),
-                (Some(server), true) => Source::Serve {
-                    cache,
-                    server: server.clone(),
-                },
+            let server = match (&self.cache_server, settings.serve_cache) {
+                (_, false) => None,
+                (Some(server), true) => Some(server.clone()),
                 (None, true) => {
                     return Err("serveCache needs the extension started with \
                                 --cache-server-address, an address of it the nodes reach"
                         .into());
                 }
+            };
+            let cache = self
+                .caches
+                .get(artifact_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            match server {
+                Some(server) => Source::Serve { cache, server },
+                None => Source::Upload(cache),
             }
         };
         let mut options = Options::new(source);

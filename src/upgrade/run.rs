@@ -255,22 +255,28 @@ impl Engine {
                 ok = outcome.is_ok(),
                 "staged"
             );
-            let released = staging
-                .as_ref()
-                .and_then(Staging::last_answer)
-                .is_some_and(|answer| {
-                    answer.exit_code == 0
-                        && String::from_utf8_lossy(&answer.stdout).trim() == journal::RELEASED
-                });
-            let outcome = if released {
-                // The last exec of the work released the lease, so the work ran under it; a
-                // renewal racing that release may have found it gone since, which is no loss.
-                drop(lease);
-                outcome
-            } else {
-                let outcome = outcome.and_then(|()| lease.check());
-                lease.release().await;
-                outcome
+            let release = staging.as_ref().and_then(Staging::last_answer);
+            let outcome = match release {
+                Some(answer) if answer.exit_code == 0 => {
+                    // The last exec of the work released the lease, so the work ran under it;
+                    // a renewal racing that release may have found it gone since, which is no
+                    // loss. Nothing to release means another upgrader had taken it.
+                    drop(lease);
+                    let released =
+                        String::from_utf8_lossy(&answer.stdout).trim() == journal::RELEASED;
+                    outcome.and_then(|()| {
+                        if released {
+                            Ok(())
+                        } else {
+                            Err(Error::LeaseLost)
+                        }
+                    })
+                }
+                _ => {
+                    let outcome = outcome.and_then(|()| lease.check());
+                    lease.release().await;
+                    outcome
+                }
             };
             outcome.map_err(step_error)
         }
