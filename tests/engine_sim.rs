@@ -357,6 +357,17 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
     f.cluster.down().await.unwrap();
 }
 
+/// A cache server on the gateway of `node`'s Docker network, which is this host: where the CLI's
+/// `--serve-cache` listens.
+async fn cache_server_at_gateway(f: &Fixture, node: &str) -> CacheServer {
+    let docker = Docker::connect().await.unwrap();
+    let located = docker.locate(f.cluster.name(), node).await.unwrap();
+    let gateway = located.network_gateway().await.unwrap();
+    CacheServer::bind(SocketAddr::new(gateway, 0))
+        .await
+        .unwrap()
+}
+
 /// An UpdateMachine handler with its own cache of `f`'s mirror, and its metrics.
 async fn update_machine_handler(
     f: &Fixture,
@@ -496,17 +507,7 @@ async fn update_machine_with_the_serve_cache_setting() {
     );
     drop(without_server);
 
-    let docker = Docker::connect().await.unwrap();
-    let gateway = docker
-        .locate(f.cluster.name(), &cp)
-        .await
-        .unwrap()
-        .network_gateway()
-        .await
-        .unwrap();
-    let server = CacheServer::bind(SocketAddr::new(gateway, 0))
-        .await
-        .unwrap();
+    let server = cache_server_at_gateway(&f, &cp).await;
     let cache = tempfile::tempdir().unwrap();
     let (handler, _) = update_machine_handler(&f, &cache, Some(server.clone())).await;
     poll_until_done(&handler, &request, "v1.32.3").await;
@@ -558,12 +559,7 @@ async fn binaries_served_from_the_cache_reach_the_node_through_its_gateway() {
 
     // The gateway of the node's Docker network is this host: the node downloads from the
     // cache there, and the attempt resumes at the stage step.
-    let docker = Docker::connect().await.unwrap();
-    let node = docker.locate(f.cluster.name(), &cp).await.unwrap();
-    let gateway = node.network_gateway().await.unwrap();
-    let server = CacheServer::bind(SocketAddr::new(gateway, 0))
-        .await
-        .unwrap();
+    let server = cache_server_at_gateway(&f, &cp).await;
     let downloaded = cache.stats().bytes_downloaded;
     let options = Options::new(Source::Serve {
         cache,
