@@ -684,15 +684,20 @@ mod tests {
 
     #[test]
     fn a_fetch_ended_by_its_timeout_leaves_nothing() {
+        use std::os::unix::process::CommandExt;
         let mirror = tempfile::tempdir().unwrap();
         let node = tempfile::tempdir().unwrap();
         let dir = node.path().join("v1.32.3/bin");
         let sum = "0".repeat(64);
+        // A process group of its own, as coreutils `timeout` gives the command it runs.
         let mut child = fetch_verified_command(
             mirror.path(),
             &dir,
             &[("http://mirror/slow", &dir.join("kubelet"), &sum)],
         )
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
         let part = dir.join("kubelet.part");
@@ -704,9 +709,11 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        // What coreutils `timeout` sends when the exec's time is up.
+        // What coreutils `timeout` sends when the exec's time is up: TERM to the whole group,
+        // the fake curl included.
+        let group = format!("-{}", child.id());
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", "--", &group])
             .status()
             .unwrap();
         assert!(status.success());
