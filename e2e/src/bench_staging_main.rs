@@ -5,7 +5,7 @@
 //!   upload through the Docker archive API and a sha256 check in every node);
 //! * (b) the same with the now warm cache;
 //! * (e) the same with `--serve-cache`: the nodes download the binaries with curl from the CLI,
-//!   which serves its warm cache, and hash them in the node while the next one downloads;
+//!   which serves its warm cache, and hash each in the node as soon as it has landed;
 //! * (c) `docker cp` of the same three files into every node in parallel, checking nothing: the
 //!   practical floor;
 //! * (d) `docker exec <node> curl` from the mirror in every node in parallel, checking nothing.
