@@ -255,29 +255,10 @@ impl Engine {
                 ok = outcome.is_ok(),
                 "staged"
             );
-            let release = staging.as_ref().and_then(Staging::last_answer);
-            let outcome = match release {
-                Some(answer) if answer.exit_code == 0 => {
-                    // The last exec of the work released the lease, so the work ran under it;
-                    // a renewal racing that release may have found it gone since, which is no
-                    // loss. Nothing to release means another upgrader had taken it.
-                    drop(lease);
-                    let released =
-                        String::from_utf8_lossy(&answer.stdout).trim() == journal::RELEASED;
-                    outcome.and_then(|()| {
-                        if released {
-                            Ok(())
-                        } else {
-                            Err(Error::LeaseLost)
-                        }
-                    })
-                }
-                _ => {
-                    let outcome = outcome.and_then(|()| lease.check());
-                    lease.release().await;
-                    outcome
-                }
-            };
+            let ended = lease
+                .end(staging.as_ref().and_then(Staging::last_answer))
+                .await;
+            let outcome = outcome.and(ended);
             outcome.map_err(step_error)
         }
         .instrument(span)
@@ -455,8 +436,31 @@ impl Lease {
         under_lease_lock(journal::LEASE_RELEASE).arg(self.owner.as_ref())
     }
 
+    /// Ends the lease, given the answer to [`Lease::release_command`] if the work's last exec
+    /// asked it. That the release removed the lease proves it was held to the end; that it found
+    /// another owner's means it was lost. Without an answer, or after a failed one, the lease is
+    /// checked and then released in an exec of its own.
+    async fn end(self, asked_release: Option<&ExecOutput>) -> Result<()> {
+        match asked_release {
+            Some(answer) if answer.exit_code == 0 => {
+                // A renewal racing that release may have found the lease gone since: no loss.
+                drop(self);
+                if String::from_utf8_lossy(&answer.stdout).trim() == journal::RELEASED {
+                    Ok(())
+                } else {
+                    Err(Error::LeaseLost)
+                }
+            }
+            _ => {
+                let checked = self.check();
+                self.release().await;
+                checked
+            }
+        }
+    }
+
     async fn release(self) {
-        // Stop renewing first, or a renewal could re-take the lease right after the release.
+        // Stop renewing first, or a renewal would find the lease gone and report it lost.
         self.renewer.abort();
         let release = self.release_command();
         if let Err(e) = exec_ok(&self.node, release, Duration::from_secs(30)).await {
@@ -920,7 +924,7 @@ impl<'a> Session<'a> {
             batch.push(journal);
         }
         batch.push(&lease.release_command());
-        // Stop renewing first, or a renewal could re-take the lease right after the release.
+        // Stop renewing first, or a renewal would find the lease gone and report it lost.
         drop(lease);
         let mut answers = match batch.run(&self.node).await {
             Ok(answers) => answers.into_iter(),

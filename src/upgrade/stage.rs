@@ -21,7 +21,7 @@ pub(super) struct Staging<'a> {
     pub(super) timeouts: &'a Timeouts,
     /// Expected sha256 of each staged binary, once known.
     digests: Vec<(Binary, String)>,
-    /// The verified binaries in the host cache, once fetched (upload only).
+    /// The verified binaries in the host cache, once fetched (upload and served cache).
     cached: Option<KubeBinaries>,
     /// The answer to [`Staging::hash_command`] from the batch that took the node's lease: what
     /// was staged before this attempt did anything.
