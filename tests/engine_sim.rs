@@ -17,6 +17,7 @@ use capd_inplace::telemetry::{EventSink, metrics::Metrics};
 use capd_inplace::upgrade::cluster::{self, NodeOutcome};
 use capd_inplace::upgrade::jobs::Progress;
 use capd_inplace::upgrade::{Engine, NodeTarget, Options, Outcome, Source, Step, Timeouts};
+use capd_inplace_e2e::bench::ExecCounter;
 use capd_inplace_e2e::sim::{Fault, SimCluster};
 use tokio::sync::watch;
 
@@ -582,16 +583,33 @@ async fn binaries_served_from_the_cache_reach_the_node_through_its_gateway() {
     );
     assert_eq!(server.served(), 3, "the node downloaded the three binaries");
 
-    // Staging alone: the node's lease is released in the exec that fetched.
-    f.engine
-        .stage(&target(&f, &cp, "v1.32.3"), &options)
-        .await
-        .unwrap();
-    assert_eq!(
-        stdout(&f, &cp, &["ls", "/var/lib/capd-inplace/v1.32.3/bin"]).await,
-        "kubeadm\nkubectl\nkubelet"
-    );
-    let root = stdout(&f, &cp, &["ls", "-A", "/var/lib/capd-inplace"]).await;
-    assert!(!root.contains("lease"), "{root}");
+    // Staging alone, served and then uploaded: two execs each, the one that takes the lease
+    // and the one that stages and verifies, which also releases the lease.
+    let uploaded = f.options.clone();
+    for (version, options) in [("v1.32.3", &options), ("v1.33.0", &uploaded)] {
+        let execs = ExecCounter::start(&f.cluster).await.unwrap();
+        f.engine
+            .stage(&target(&f, &cp, version), options)
+            .await
+            .unwrap();
+        // The Engine's events arrive a moment after the execs they report.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            execs.stop().get(&cp).copied(),
+            Some(2),
+            "{version}: execs of a stage"
+        );
+        assert_eq!(
+            stdout(
+                &f,
+                &cp,
+                &["ls", &format!("/var/lib/capd-inplace/{version}/bin")]
+            )
+            .await,
+            "kubeadm\nkubectl\nkubelet"
+        );
+        let root = stdout(&f, &cp, &["ls", "-A", "/var/lib/capd-inplace"]).await;
+        assert!(!root.contains("lease"), "{root}");
+    }
     f.cluster.down().await.unwrap();
 }
