@@ -16,6 +16,7 @@ use capd_inplace::node::Docker;
 use capd_inplace::telemetry::{EventSink, metrics::Metrics};
 use capd_inplace::upgrade::cluster::{self, NodeOutcome};
 use capd_inplace::upgrade::jobs::Progress;
+use capd_inplace::upgrade::journal::LEASE_FILE;
 use capd_inplace::upgrade::{Engine, NodeTarget, Options, Outcome, Source, Step, Timeouts};
 use capd_inplace_e2e::bench::ExecCounter;
 use capd_inplace_e2e::sim::{Fault, SimCluster};
@@ -355,6 +356,80 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
         .unwrap();
     assert_eq!(outcome, Outcome::Upgraded);
     assert_upgraded(&f, &cp, "v1.32.3", true).await;
+    f.cluster.down().await.unwrap();
+}
+
+/// An upgrader whose lease passed to another (its renewals stalled past the lease's time, say)
+/// stops at its next step, and leaves the new holder's lease and journal as it found them: the
+/// failure it records would otherwise overwrite that journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal() {
+    let mut f = fixture("eng-lease", 1, 0, "v1.31.4").await;
+    // Renewed every second, so the loss is seen while kubeadm runs.
+    f.engine = Engine::new(
+        Docker::connect().await.unwrap(),
+        Timeouts {
+            node_ready: Duration::from_secs(60),
+            lease: Duration::from_secs(3),
+            ..Timeouts::default()
+        },
+    );
+    let cp = f.cluster.control_plane().name.clone();
+    f.cluster
+        .inject_fault(
+            &cp,
+            "kubeadm-upgrade-apply",
+            &serde_json::from_str::<Fault>(r#"{"delay_ms":5000}"#).unwrap(),
+        )
+        .await
+        .unwrap();
+    let (tx, _rx) = watch::channel(Progress::Queued);
+    let target = target(&f, &cp, "v1.32.3");
+    let upgrade = f.engine.upgrade(&target, &f.options, &tx);
+    let take_over = async {
+        // The journal exists once the upgrade has changed the node; then another upgrader takes
+        // the lease over and writes its own journal.
+        let journal = "/var/lib/capd-inplace/v1.32.3/journal.json";
+        loop {
+            let seen = stdout(&f, &cp, &["sh", "-c", &format!("cat {journal} || true")]).await;
+            if !seen.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stdout(
+            &f,
+            &cp,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'other-upgrader 4102444800\\n' > {LEASE_FILE} && printf other > {journal}"
+                ),
+            ],
+        )
+        .await;
+    };
+    let (outcome, ()) = tokio::join!(upgrade, take_over);
+
+    let error = outcome.unwrap_err();
+    assert!(
+        matches!(error.source, capd_inplace::upgrade::Error::LeaseLost),
+        "{error}"
+    );
+    assert_eq!(
+        stdout(
+            &f,
+            &cp,
+            &["cat", "/var/lib/capd-inplace/v1.32.3/journal.json"]
+        )
+        .await,
+        "other"
+    );
+    assert_eq!(
+        stdout(&f, &cp, &["cat", LEASE_FILE]).await,
+        "other-upgrader 4102444800"
+    );
     f.cluster.down().await.unwrap();
 }
 

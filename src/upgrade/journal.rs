@@ -19,6 +19,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -162,21 +163,32 @@ printf '%s %s\n' "$owner" "$((now + ttl))" > "$lease.tmp"
 mv -f "$lease.tmp" "$lease"
 "#;
 
-/// Extends the lease of `OWNER` by `TTL` seconds from now, run as [`LEASE_ACQUIRE`] is. Unlike
-/// it, never takes a lease that `OWNER` does not hold: exit [`LEASE_HELD`], with the holder (or
-/// `nobody`) printed, means the lease was lost, perhaps taken and released by another upgrader.
-/// So a renewal that runs just after its owner released the lease cannot take it back.
-pub const LEASE_RENEW: &str = r#"set -eu
-lease="$1"; owner="$2"; ttl="$3"
+/// The head of a script that changes the node only for the lease's holder, run under the lease
+/// lock as `sh -c 'IF_LEASE_HELD…' sh LEASE_FILE OWNER ARGS…`: unless `OWNER` holds the lease it
+/// prints the holder (or `nobody`) and exits [`LEASE_HELD`]; else the rest of the script runs
+/// with `ARGS…` as its arguments and `$lease` and `$owner` set.
+pub const IF_LEASE_HELD: &str = r#"set -eu
+lease="$1"; owner="$2"; shift 2
 holder=
 if [ -s "$lease" ]; then read -r holder expires < "$lease" || true; fi
 if [ "$holder" != "$owner" ]; then
   echo "${holder:-nobody}"
   exit 75
 fi
-printf '%s %s\n' "$owner" "$(($(date +%s) + ttl))" > "$lease.tmp"
-mv -f "$lease.tmp" "$lease"
 "#;
+
+/// Extends the lease of `OWNER` by `TTL` seconds from now, run as [`LEASE_ACQUIRE`] is. Unlike
+/// it, never takes a lease that `OWNER` does not hold ([`IF_LEASE_HELD`]): exit [`LEASE_HELD`],
+/// with the holder (or `nobody`) printed, means the lease was lost, perhaps taken and released by
+/// another upgrader. So a renewal that runs just after its owner released the lease cannot take
+/// it back.
+pub static LEASE_RENEW: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"{IF_LEASE_HELD}printf '%s %s\n' "$owner" "$(($(date +%s) + $1))" > "$lease.tmp"
+mv -f "$lease.tmp" "$lease"
+"#
+    )
+});
 
 /// Releases the lease if, and only if, `OWNER` holds it, and then prints [`RELEASED`].
 pub const LEASE_RELEASE: &str = r#"set -eu
@@ -258,8 +270,13 @@ mod tests {
         let other = run(LEASE_ACQUIRE, &[lease, "b", "60"]);
         assert_eq!(other.status.code(), Some(LEASE_HELD as i32));
         assert!(String::from_utf8_lossy(&other.stdout).starts_with("a "));
-        assert!(run(LEASE_RENEW, &[lease, "a", "60"]).status.success());
-        let renewed_by_other = run(LEASE_RENEW, &[lease, "b", "60"]);
+        std::fs::write(lease, "a 1\n").unwrap();
+        assert!(run(&LEASE_RENEW, &[lease, "a", "60"]).status.success());
+        let renewed = std::fs::read_to_string(lease).unwrap();
+        let (holder, expires) = renewed.trim().split_once(' ').unwrap();
+        assert_eq!(holder, "a");
+        assert!(expires.parse::<u64>().unwrap() > 1_700_000_000, "{renewed}");
+        let renewed_by_other = run(&LEASE_RENEW, &[lease, "b", "60"]);
         assert_eq!(renewed_by_other.status.code(), Some(LEASE_HELD as i32));
         assert_eq!(String::from_utf8_lossy(&renewed_by_other.stdout), "a\n");
         let not_released = run(LEASE_RELEASE, &[lease, "b"]);
@@ -273,7 +290,7 @@ mod tests {
         assert!(released.status.success());
         assert_eq!(String::from_utf8_lossy(&released.stdout).trim(), RELEASED);
         // Released, the lease is nobody's: a late renewal does not take it back.
-        let late = run(LEASE_RENEW, &[lease, "a", "60"]);
+        let late = run(&LEASE_RENEW, &[lease, "a", "60"]);
         assert_eq!(late.status.code(), Some(LEASE_HELD as i32));
         assert_eq!(String::from_utf8_lossy(&late.stdout), "nobody\n");
         assert!(!std::path::Path::new(lease).exists());

@@ -6,8 +6,8 @@
 //! skips what is already done. Only one upgrader works on a node at a time, enforced by a lease
 //! kept inside the node (see [`super::journal`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -472,7 +472,7 @@ impl Lease {
 /// Extends a lease this process holds, in an exec of its own; [`Error::Busy`] when it no longer
 /// holds it.
 async fn renew(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
-    let renew = under_lease_lock(journal::LEASE_RENEW)
+    let renew = under_lease_lock(&journal::LEASE_RENEW)
         .arg(owner)
         .arg(ttl.as_secs().to_string())
         .timeout(Duration::from_secs(30));
@@ -911,13 +911,13 @@ impl<'a> Session<'a> {
     /// happens whether or not the write succeeded; a failed write is the error, a failed release
     /// only a warning (the lease expires by itself).
     async fn finish(&mut self) -> Result<()> {
+        // Built while the session still holds the lease, so the write checks that it does.
+        let journal = match (&self.lease, self.journal_unsaved) {
+            (Some(_), true) => Some(self.journal_command()?),
+            _ => None,
+        };
         let Some(lease) = self.lease.take() else {
             return Ok(());
-        };
-        let journal = if self.journal_unsaved {
-            Some(self.journal_command()?)
-        } else {
-            None
         };
         let mut batch = Batch::new(self.engine.timeouts.command);
         if let Some(journal) = &journal {
@@ -936,7 +936,7 @@ impl<'a> Session<'a> {
             Err(e) => return Err(e.into()),
         };
         let written = journal
-            .map(|_| stdout_of(next_answer(&mut answers), self.node.name()))
+            .map(|_| journal_written(next_answer(&mut answers), self.node.name()))
             .transpose();
         if let Err(e) = stdout_of(next_answer(&mut answers), self.node.name()) {
             warn!(error = %e, "could not release the node lease; it expires by itself");
@@ -969,7 +969,7 @@ impl<'a> Session<'a> {
         }
         let mut answers = procedure.run(&self.node).await?;
         if journal {
-            stdout_of(answers.remove(0), self.node.name())?;
+            journal_written(answers.remove(0), self.node.name())?;
             self.journal_unsaved = false;
         }
         Ok(answers)
@@ -1469,11 +1469,25 @@ impl<'a> Session<'a> {
 
     // ----- files -----
 
-    /// The command that writes the journal as it is now.
+    /// The command that writes the journal as it is now. Under a lease it writes only while the
+    /// lease is still this process's, checked under the lease lock: an upgrader whose lease
+    /// expired and passed to another never overwrites the new holder's journal, even before a
+    /// renewal has told it so. Its answer is read by [`journal_written`].
     fn journal_command(&self) -> Result<Command> {
         let json = serde_json::to_string_pretty(&self.journal)
             .map_err(|e| Error::Verify(format!("journal: {e}")))?;
-        write_file_command(&self.paths.journal(), &json, 0o644)
+        let path = self.paths.journal();
+        let (dir, name) = split_path(&path)?;
+        let mode = format!("{:o}", 0o644);
+        Ok(match &self.lease {
+            Some(lease) => under_lease_lock(&WRITE_IF_LEASE_HELD)
+                .arg(lease.owner.as_ref())
+                .arg(dir)
+                .arg(name)
+                .arg(mode)
+                .arg(json),
+            None => write_atomically(dir, name, &mode, &json),
+        })
     }
 
     async fn write_journal_if_changed(&mut self) -> Result<()> {
@@ -1500,14 +1514,32 @@ cat "$dir/$name"
 
 /// The command that writes `contents` to `path` atomically and prints it back.
 fn write_file_command(path: &str, contents: &str, mode: u32) -> Result<Command> {
-    let (dir, name) = path
-        .rsplit_once('/')
-        .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
-    Ok(
-        Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name])
-            .arg(format!("{mode:o}"))
-            .arg(contents),
-    )
+    let (dir, name) = split_path(path)?;
+    Ok(write_atomically(dir, name, &format!("{mode:o}"), contents))
+}
+
+fn write_atomically(dir: &str, name: &str, mode: &str, contents: &str) -> Command {
+    Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name, mode]).arg(contents)
+}
+
+/// [`WRITE_ATOMICALLY`] behind [`journal::IF_LEASE_HELD`], run by [`under_lease_lock`] with the
+/// owner and then the write's arguments.
+static WRITE_IF_LEASE_HELD: LazyLock<String> =
+    LazyLock::new(|| format!("{}{WRITE_ATOMICALLY}", journal::IF_LEASE_HELD));
+
+/// A file's directory and name.
+fn split_path(path: &str) -> Result<(&str, &str)> {
+    path.rsplit_once('/')
+        .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))
+}
+
+/// Reads the answer to [`Session::journal_command`]: [`Error::LeaseLost`] when the lease had
+/// passed to another upgrader and nothing was written.
+fn journal_written(answer: ExecOutput, container: &str) -> Result<()> {
+    if answer.exit_code == journal::LEASE_HELD {
+        return Err(Error::LeaseLost);
+    }
+    stdout_of(answer, container).map(drop)
 }
 
 /// For each binary: keeps the first replaced copy (`cp -n`: a retry keeps the original), then
@@ -1645,5 +1677,59 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         );
+    }
+
+    #[test]
+    fn the_journal_is_written_only_by_the_lease_holder() {
+        // The script runs in the node's sh (under flock there); the host's sh proves it.
+        let dir = tempfile::tempdir().unwrap();
+        let lease = dir.path().join("lease");
+        let journal_dir = dir.path().join("v1.32.3");
+        let journal = journal_dir.join("journal.json");
+        let write = |owner: &str, contents: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", &WRITE_IF_LEASE_HELD, "sh"])
+                .arg(&lease)
+                .args([owner, journal_dir.to_str().unwrap(), "journal.json", "644"])
+                .arg(contents)
+                .output()
+                .unwrap()
+        };
+
+        let without_lease = write("a", "{}");
+        assert_eq!(
+            without_lease.status.code(),
+            Some(journal::LEASE_HELD as i32)
+        );
+        assert_eq!(String::from_utf8_lossy(&without_lease.stdout), "nobody\n");
+        assert!(!journal_dir.exists(), "nothing written without the lease");
+
+        std::fs::write(&lease, "a 4102444800\n").unwrap();
+        let by_holder = write("a", "{\"step\":1}");
+        assert!(by_holder.status.success(), "{by_holder:?}");
+        assert_eq!(String::from_utf8_lossy(&by_holder.stdout), "{\"step\":1}");
+        assert_eq!(std::fs::read_to_string(&journal).unwrap(), "{\"step\":1}");
+
+        // The lease passed to b: a's late write changes nothing and says who holds it.
+        std::fs::write(&lease, "b 4102444800\n").unwrap();
+        let by_former_holder = write("a", "{\"step\":2}");
+        assert_eq!(
+            by_former_holder.status.code(),
+            Some(journal::LEASE_HELD as i32)
+        );
+        assert_eq!(String::from_utf8_lossy(&by_former_holder.stdout), "b\n");
+        assert_eq!(std::fs::read_to_string(&journal).unwrap(), "{\"step\":1}");
+        let refused = ExecOutput {
+            argv: Vec::new(),
+            exit_code: by_former_holder.status.code().unwrap().into(),
+            stdout: by_former_holder.stdout,
+            stderr: Vec::new(),
+            truncated: false,
+            output_tail: Vec::new(),
+        };
+        assert!(matches!(
+            journal_written(refused, "node"),
+            Err(Error::LeaseLost)
+        ));
     }
 }
