@@ -44,13 +44,7 @@ for tool in curl jq docker; do
   command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
 done
 
-oha="$root/.cache/tools/bin/oha"
-if [ ! -x "$oha" ]; then
-  log "installing oha into .cache/tools (first run only)"
-  start=$SECONDS
-  cargo install oha --locked --root "$root/.cache/tools" >&2
-  log "oha installed in $((SECONDS - start)) s"
-fi
+ensure_oha
 
 # Other work on the machine shows in every figure; the fragment says how busy it was.
 loadavg="$(cut -d' ' -f1 /proc/loadavg)"

@@ -3,7 +3,7 @@
 # overlap), each writing its Markdown fragment into docs/benchmarks.md between its markers
 # (`<!-- bench:NAME -->` … `<!-- /bench:NAME -->`), so the document always shows the last run.
 #
-# BENCH="decision hooks staging overhead scale" picks which ones run (default: all).
+# BENCH="decision hooks hook-instructions staging overhead scale" picks which ones run (default: all).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -37,7 +37,7 @@ $(. /etc/os-release && echo "$PRETTY_NAME"), $(uname -r)"
 splice machine "$out/machine.md"
 
 total_start=$SECONDS
-for name in ${BENCH:-decision hooks staging overhead scale}; do
+for name in ${BENCH:-decision hooks hook-instructions staging overhead scale}; do
   echo "== bench: $name" >&2
   start=$SECONDS
   bash "scripts/bench-$name.sh" > "$out/$name.md"

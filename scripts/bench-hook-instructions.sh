@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Instructions per CanUpdateMachine request over HTTPS, counted by callgrind: the extension, the
+# ceiling server (the same TLS and HTTP stack answering a fixed copy of the extension's answer)
+# and the validating ceiling (the same, after checking that the request is JSON). Each server runs
+# under `valgrind --tool=callgrind`, gets a warm-up, has its counters zeroed, then serves REQUESTS
+# requests from oha over one keep-alive connection (concurrency 1; the one TLS handshake is
+# counted, about 0.5% of the total); the counters are dumped and divided by REQUESTS.
+#
+# Unlike requests per second, an instruction count does not depend on what else the machine is
+# doing: the same binaries and request give the same figures within a fraction of a percent, so
+# this table is the one to compare builds with. Instructions are not time (a vector copy of 30 KB
+# is a handful of instructions, a cache miss is one), so the rps tables stay the verdict.
+#
+# Prints a Markdown fragment on stdout; progress on stderr. Needs valgrind (installed from
+# Debian's packages when missing), curl and jq; installs oha like bench-hooks.sh.
+set -euo pipefail
+
+REQUESTS="${REQUESTS:-1000}"
+WARM_UP=20
+
+command="scripts/bench-hook-instructions.sh"
+log() { echo "bench-hook-instructions: $*" >&2; }
+
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+ensure_oha
+command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+for tool in curl jq valgrind callgrind_control callgrind_annotate; do
+  command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
+done
+
+work="$(mktemp -d /var/tmp/capd-inplace-bench-instructions.XXXXXX)"
+server_pid=""
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+cleanup() {
+  local status=$?
+  stop_server
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Each server gets ports of its own: a port just closed may still be taken for a while.
+new_ports() {
+  port=$((20000 + RANDOM % 30000))
+  health_port=$((port + 1))
+  url="https://127.0.0.1:$port/hooks.runtime.cluster.x-k8s.io/v1alpha1/canupdatemachine/can-update-machine"
+}
+certs="$work/certs"
+mkdir -p "$work/no-mirror"
+"$bin/bench-setup" can-update-request "$work/request.json"
+
+# The servers run under the command words in `wrapper` (none, or valgrind's).
+wrapper=()
+serve() { # the extension as bench-hooks.sh starts it
+  new_ports
+  RUST_LOG=warn "${wrapper[@]}" "$bin/capd-inplace" serve \
+    --bind-address "127.0.0.1:$port" --cert-dir "$certs" --dev-self-signed \
+    --health-probe-bind-address "127.0.0.1:$health_port" --metrics-bind-address 0 \
+    --artifact-url "file://$work/no-mirror" --artifact-cache-dir "$work/cache" \
+    >>"$work/server.log" 2>&1 &
+  server_pid=$!
+}
+ceiling() { # [--validate-json]: the ceiling server
+  new_ports
+  "${wrapper[@]}" "$bin/bench-ceiling" "127.0.0.1:$port" "$certs" "$work/answer.json" "$@" \
+    >>"$work/server.log" 2>&1 &
+  server_pid=$!
+}
+post() { curl -fsS --cacert "$certs/ca.crt" --data-binary "@$work/request.json" "$url"; }
+wait_answering() { # under valgrind a start takes seconds
+  for _ in $(seq 300); do
+    post >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+  log "the server does not answer; its log:"
+  grep -v '^ *[0-9]*: \|^ *at ' "$work/server.log" | tail -n 20 >&2
+  exit 1
+}
+
+# The extension once without valgrind: it writes the dev certificate and gives the answer the
+# ceilings repeat, which must be an in-place decision.
+serve
+wait_answering
+post >"$work/answer.json"
+jq -e '.status == "Success" and .machinePatch != null' "$work/answer.json" >/dev/null ||
+  { log "CanUpdateMachine did not answer in place: $(cat "$work/answer.json")"; exit 1; }
+stop_server
+
+oha_requests() { # count: requests over one connection; fails unless every answer is a 200
+  "$oha" --no-tui --output-format json --cacert "$certs/ca.crt" -m POST -D "$work/request.json" \
+    -c 1 -n "$1" "$url" >"$work/oha.json"
+  jq -e --argjson n "$1" '.statusCodeDistribution["200"] == $n' "$work/oha.json" >/dev/null ||
+    { log "not every answer was a 200: $(jq -c '.statusCodeDistribution, .errorDistribution' "$work/oha.json")"; exit 1; }
+}
+
+# Counts one server (started by "$@" under callgrind); prints its instructions per request and
+# leaves its profile in $work/$name.out.1.
+count() { # name start-function args...
+  local name=$1 out="$work/$1.out"
+  shift
+  wrapper=(valgrind --tool=callgrind --callgrind-out-file="$out" -q)
+  "$@"
+  wait_answering
+  oha_requests "$WARM_UP"
+  callgrind_control -z "$server_pid" >/dev/null 2>&1
+  oha_requests "$REQUESTS"
+  callgrind_control -d "$server_pid" >/dev/null 2>&1
+  # The dump is written by the server itself, a moment after the request to dump.
+  for _ in $(seq 100); do [ -s "$out.1" ] && break; sleep 0.1; done
+  stop_server
+  awk -v n="$REQUESTS" '/^totals:/ {printf "%.0f", $2 / n}' "$out.1"
+}
+
+log "counting the ceiling, the validating ceiling and the extension, $REQUESTS requests each"
+start=$SECONDS
+plain=$(count ceiling ceiling)
+validating=$(count validating ceiling --validate-json)
+extension=$(count extension serve)
+log "done in $((SECONDS - start)) s"
+
+# Inclusive instructions per request of one function of the extension's profile, by the name
+# callgrind gives it (empty when inlining left no such function).
+inclusive() { # name pattern
+  callgrind_annotate --inclusive=yes --threshold=100 "$work/extension.out.1" 2>/dev/null |
+    awk -v pattern="$1" -v n="$REQUESTS" '!found && index($0, pattern) { gsub(",", "", $1); printf "%.0f", $1 / n; found = 1 }'
+}
+decode=$(inclusive "CanUpdateMachineRequest as serde_core::de::Deserialize>::deserialize [")
+skim=$(inclusive "serde_json::de::Deserializer<R>::ignore_value [")
+decide=$(inclusive "capd_inplace::hooks::can_update::can_update_machine [")
+drop=$(inclusive "drop_in_place<capd_inplace::hooks::types::CanUpdateMachineRequest> [")
+
+thousands() { if [ -n "$1" ]; then awk -v x="$1" 'BEGIN {printf "%.0fk", x / 1000}'; else echo "n/a"; fi; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+
+echo "### Instructions per CanUpdateMachine request"
+echo
+echo "Command: \`$command\` (callgrind, $REQUESTS requests of $(wc -c <"$work/request.json") bytes over one keep-alive HTTPS connection after $WARM_UP unmeasured ones; every answer a 200, the extension's in place)."
+echo
+echo "| server | instructions per request | to the ceiling |"
+echo "|---|---|---|"
+echo "| ceiling: fixed answer | $(thousands "$plain") | 1.00 |"
+echo "| validating ceiling: checks the request is JSON, then the fixed answer | $(thousands "$validating") | $(ratio "$validating" "$plain") |"
+echo "| capd-inplace | $(thousands "$extension") | $(ratio "$extension" "$plain") |"
+echo
+echo "Checking that the request is JSON costs the validating ceiling $(thousands $((validating - plain))) instructions per request; any extension that reads the request pays at least that. Of the extension's $(thousands "$extension"):"
+echo
+echo "- reading the request: $(thousands "$decode"), of which serde_json skipping what is not decoded (what the validating ceiling does to the whole request): $(thousands "$skim");"
+echo "- deciding and building the answer: $(thousands "$decide"); dropping the request: $(thousands "$drop");"
+if [ -n "$decode" ] && [ -n "$decide" ] && [ -n "$drop" ]; then
+  echo "- everything else (TLS, HTTP, layers, writing the answer): $(thousands $((extension - decode - decide - drop))), against the ceiling's $(thousands "$plain")."
+fi
