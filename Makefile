@@ -25,7 +25,7 @@ test:
 	bash scripts/build-simnode-image.sh >/dev/null
 	$(CARGO) test --workspace
 
-## bench: every benchmark (hook load, staging, node overhead, scale, decision), unattended;
+## bench: every benchmark (hook load, hook instructions, staging, node overhead, scale, decision), unattended;
 ## writes the tables into docs/benchmarks.md (needs a Docker Engine)
 bench:
 	bash scripts/bench.sh

@@ -24,7 +24,7 @@ log() { echo "bench-hook-instructions: $*" >&2; }
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 ensure_oha
-command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+command -v valgrind >/dev/null || { apt-get update -qq >&2 && apt-get install -y -qq valgrind >&2; }
 for tool in curl jq valgrind callgrind_control callgrind_annotate; do
   command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
 done
@@ -47,9 +47,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Each server gets ports of its own: a port just closed may still be taken for a while.
+# Each server gets ports of its own: a port just closed may still be taken for a while. Below the
+# kernel's ephemeral range (32768 and up), where oha's and curl's own ends are.
 new_ports() {
-  port=$((20000 + RANDOM % 30000))
+  port=$((20000 + RANDOM % 12000))
   health_port=$((port + 1))
   url="https://127.0.0.1:$port/hooks.runtime.cluster.x-k8s.io/v1alpha1/canupdatemachine/can-update-machine"
 }
@@ -78,6 +79,7 @@ post() { curl -fsS --cacert "$certs/ca.crt" --data-binary "@$work/request.json" 
 wait_answering() { # under valgrind a start takes seconds
   for _ in $(seq 300); do
     post >/dev/null 2>&1 && return
+    kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.2
   done
   log "the server does not answer; its log:"
@@ -101,8 +103,10 @@ oha_requests() { # count: requests over one connection; fails unless every answe
     { log "not every answer was a 200: $(jq -c '.statusCodeDistribution, .errorDistribution' "$work/oha.json")"; exit 1; }
 }
 
-# Counts one server (started by "$@" under callgrind); prints its instructions per request and
-# leaves its profile in $work/$name.out.1.
+# Counts one server (started by "$@" under callgrind) and sets `counted` to its instructions per
+# request; its profile is left in $work/$name.out.1. Runs in this shell, not in a $(…), so that
+# `set -e` and the cleanup's `server_pid` hold inside it.
+counted=""
 count() { # name start-function args...
   local name=$1 out="$work/$1.out"
   shift
@@ -110,20 +114,26 @@ count() { # name start-function args...
   "$@"
   wait_answering
   oha_requests "$WARM_UP"
-  callgrind_control -z "$server_pid" >/dev/null 2>&1
+  callgrind_control -z "$server_pid" >>"$work/callgrind_control.log" 2>&1 ||
+    { log "callgrind_control could not zero the counters of $name"; exit 1; }
   oha_requests "$REQUESTS"
-  callgrind_control -d "$server_pid" >/dev/null 2>&1
+  callgrind_control -d "$server_pid" >>"$work/callgrind_control.log" 2>&1 ||
+    { log "callgrind_control could not dump the counters of $name"; exit 1; }
   # The dump is written by the server itself, a moment after the request to dump.
   for _ in $(seq 100); do [ -s "$out.1" ] && break; sleep 0.1; done
   stop_server
-  awk -v n="$REQUESTS" '/^totals:/ {printf "%.0f", $2 / n}' "$out.1"
+  counted="$(awk -v n="$REQUESTS" '/^totals:/ {printf "%.0f", $2 / n}' "$out.1" 2>/dev/null || true)"
+  [[ "$counted" =~ ^[0-9]+$ ]] || { log "no instruction count in the profile of $name"; exit 1; }
 }
 
 log "counting the ceiling, the validating ceiling and the extension, $REQUESTS requests each"
 start=$SECONDS
-plain=$(count ceiling ceiling)
-validating=$(count validating ceiling --validate-json)
-extension=$(count extension serve)
+count ceiling ceiling
+plain=$counted
+count validating ceiling --validate-json
+validating=$counted
+count extension serve
+extension=$counted
 log "done in $((SECONDS - start)) s"
 
 # Inclusive instructions per request of one function of the extension's profile, by the name

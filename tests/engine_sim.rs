@@ -16,7 +16,7 @@ use capd_inplace::node::Docker;
 use capd_inplace::telemetry::{EventSink, metrics::Metrics};
 use capd_inplace::upgrade::cluster::{self, NodeOutcome};
 use capd_inplace::upgrade::jobs::Progress;
-use capd_inplace::upgrade::journal::LEASE_FILE;
+use capd_inplace::upgrade::journal::{LEASE_FILE, LOCK_FILE};
 use capd_inplace::upgrade::{Engine, NodeTarget, Options, Outcome, Source, Step, Timeouts};
 use capd_inplace_e2e::bench::ExecCounter;
 use capd_inplace_e2e::sim::{Fault, SimCluster};
@@ -388,20 +388,25 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
     let upgrade = f.engine.upgrade(&target, &f.options, &tx);
     let take_over = async {
         // The journal exists once the upgrade has changed the node; then another upgrader takes
-        // the lease over and writes its own journal.
+        // the lease over, under the lease lock as upgraders do, and writes its own journal.
         let journal = "/var/lib/capd-inplace/v1.32.3/journal.json";
-        loop {
-            let seen = stdout(&f, &cp, &["sh", "-c", &format!("cat {journal} || true")]).await;
-            if !seen.is_empty() {
-                break;
+        let written = async {
+            while stdout(&f, &cp, &["sh", "-c", &format!("cat {journal} || true")])
+                .await
+                .is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(120), written)
+            .await
+            .expect("the upgrade writes its journal");
         stdout(
             &f,
             &cp,
             &[
-                "sh",
+                "flock",
+                LOCK_FILE,
                 "-c",
                 &format!(
                     "printf 'other-upgrader 4102444800\\n' > {LEASE_FILE} && printf other > {journal}"

@@ -202,7 +202,8 @@ fi
 /// What [`LEASE_RELEASE`] prints when it removed the owner's lease: the owner held it until then.
 pub const RELEASED: &str = "released";
 
-/// The exit code of [`LEASE_ACQUIRE`] when someone else holds the lease.
+/// The exit code of the lease scripts ([`LEASE_ACQUIRE`], and [`IF_LEASE_HELD`] with every
+/// script that starts with it) when the lease is not the caller's.
 pub const LEASE_HELD: i64 = 75;
 
 #[cfg(test)]

@@ -183,6 +183,10 @@ impl Engine {
             }
             match (session.finish().await, outcome) {
                 (Err(e), Ok(_)) => Err(session.step_error(Step::RecordVersion, e)),
+                (Err(Error::LeaseLost), Err(failed)) => {
+                    warn!("the node lease passed to another upgrader; the failure is not recorded in the node");
+                    Err(failed)
+                }
                 (Err(e), Err(failed)) => {
                     warn!(error = %e, "could not record the failure in the journal");
                     Err(failed)
@@ -429,6 +433,12 @@ impl Lease {
             return Err(Error::LeaseLost);
         }
         Ok(())
+    }
+
+    /// Succeeds, changing nothing, while the node says this process holds the lease; read by
+    /// [`lease_guarded`].
+    fn holder_check(&self) -> Command {
+        under_lease_lock(journal::IF_LEASE_HELD).arg(self.owner.as_ref())
     }
 
     /// Releases the lease if this process still holds it.
@@ -936,7 +946,7 @@ impl<'a> Session<'a> {
             Err(e) => return Err(e.into()),
         };
         let written = journal
-            .map(|_| journal_written(next_answer(&mut answers), self.node.name()))
+            .map(|_| lease_guarded(next_answer(&mut answers), self.node.name()))
             .transpose();
         if let Err(e) = stdout_of(next_answer(&mut answers), self.node.name()) {
             warn!(error = %e, "could not release the node lease; it expires by itself");
@@ -958,8 +968,15 @@ impl<'a> Session<'a> {
     ) -> Result<Vec<ExecOutput>> {
         let mut procedure = Batch::new(timeout);
         let journal = self.journal_unsaved;
-        if journal {
-            procedure.push_step(&self.journal_command()?);
+        // Under a lease, nothing changes unless the node still says the lease is this process's:
+        // the journal write checks that itself, else a check goes first.
+        let guard = match (&self.lease, journal) {
+            (_, true) => Some(self.journal_command()?),
+            (Some(lease), false) => Some(lease.holder_check()),
+            (None, false) => None,
+        };
+        if let Some(guard) = &guard {
+            procedure.push_step(guard);
         }
         for step in steps {
             procedure.push_step(step);
@@ -968,8 +985,10 @@ impl<'a> Session<'a> {
             procedure.push(question);
         }
         let mut answers = procedure.run(&self.node).await?;
+        if guard.is_some() {
+            lease_guarded(answers.remove(0), self.node.name())?;
+        }
         if journal {
-            journal_written(answers.remove(0), self.node.name())?;
             self.journal_unsaved = false;
         }
         Ok(answers)
@@ -1472,7 +1491,7 @@ impl<'a> Session<'a> {
     /// The command that writes the journal as it is now. Under a lease it writes only while the
     /// lease is still this process's, checked under the lease lock: an upgrader whose lease
     /// expired and passed to another never overwrites the new holder's journal, even before a
-    /// renewal has told it so. Its answer is read by [`journal_written`].
+    /// renewal has told it so. Its answer is read by [`lease_guarded`].
     fn journal_command(&self) -> Result<Command> {
         let json = serde_json::to_string_pretty(&self.journal)
             .map_err(|e| Error::Verify(format!("journal: {e}")))?;
@@ -1533,9 +1552,10 @@ fn split_path(path: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))
 }
 
-/// Reads the answer to [`Session::journal_command`]: [`Error::LeaseLost`] when the lease had
-/// passed to another upgrader and nothing was written.
-fn journal_written(answer: ExecOutput, container: &str) -> Result<()> {
+/// Reads the answer to a command behind [`journal::IF_LEASE_HELD`] ([`Lease::holder_check`], or
+/// [`Session::journal_command`] under a lease): [`Error::LeaseLost`] when the lease had passed to
+/// another upgrader and the command did nothing.
+fn lease_guarded(answer: ExecOutput, container: &str) -> Result<()> {
     if answer.exit_code == journal::LEASE_HELD {
         return Err(Error::LeaseLost);
     }
@@ -1728,7 +1748,7 @@ mod tests {
             output_tail: Vec::new(),
         };
         assert!(matches!(
-            journal_written(refused, "node"),
+            lease_guarded(refused, "node"),
             Err(Error::LeaseLost)
         ));
     }

@@ -1,7 +1,7 @@
 //! The ceiling of the hook-path load test (`scripts/bench-hooks.sh`): the extension's HTTPS stack
-//! with nothing of ours on top. Same TLS library, provider, protocol versions and certificate
-//! (the extension's dev certificate), same ALPN (h2 and HTTP/1.1), same server (axum-server on a
-//! multi-threaded tokio runtime); every request's body is read whole, as the extension reads it,
+//! with nothing of ours on top. Same allocator, TLS library, provider, protocol versions and
+//! certificate (the extension's dev certificate), same ALPN (h2 and HTTP/1.1), same server
+//! (axum-server on a multi-threaded tokio runtime); every request's body is read whole, as the extension reads it,
 //! and answered with the same bytes, read once from a file holding one of the extension's
 //! answers. Whatever the extension serves below this server's rate is the cost of our handlers,
 //! layers and state.
@@ -26,6 +26,11 @@ use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::IgnoredAny;
+
+/// The extension's allocator (`src/main.rs`), so that the two servers differ only in what runs
+/// on top of the stack.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The extension's TLS settings, as `server_config` in `src/hooks/server.rs` builds them (the e2e
 /// crate does not link the extension); keep the two in step.
