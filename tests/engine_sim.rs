@@ -10,6 +10,7 @@ use std::time::Duration;
 use capd_inplace::artifacts::{
     ArtifactCache, ArtifactCaches, ArtifactSource, CacheServer, FetchConfig,
 };
+use capd_inplace::hooks::settings::Settings;
 use capd_inplace::hooks::types::{ResponseStatus, UpdateMachineRequest};
 use capd_inplace::hooks::update_machine::{EngineHandler, UpdateMachineHandler};
 use capd_inplace::node::Docker;
@@ -568,6 +569,11 @@ async fn update_machine_with_the_serve_cache_setting() {
 
     let cache = tempfile::tempdir().unwrap();
     let (without_server, _) = update_machine_handler(&f, &cache, None).await;
+    let settings = Settings::from_map(&request.settings).unwrap();
+    let refusal = without_server
+        .refuses(&settings)
+        .expect("refused without a server");
+    assert!(refusal.contains("--cache-server-address"), "{refusal}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let refused = loop {
         let response = without_server.update_machine(request.clone()).await;
@@ -591,6 +597,7 @@ async fn update_machine_with_the_serve_cache_setting() {
     let server = cache_server_at_gateway(&f, &cp).await;
     let cache = tempfile::tempdir().unwrap();
     let (handler, _) = update_machine_handler(&f, &cache, Some(server.clone())).await;
+    assert_eq!(handler.refuses(&settings), None);
     poll_until_done(&handler, &request, "v1.32.3").await;
     assert_eq!(server.served(), 3, "the node downloaded the three binaries");
     assert_upgraded(&f, &cp, "v1.32.3", true).await;

@@ -7,6 +7,7 @@
 //! No Content-Type is required (CAPI sends none) and the `?timeout=` query is accepted and ignored;
 //! a timeout layer bounds every request below CAPI's 30 s maximum.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +22,12 @@ use tower_http::trace::TraceLayer;
 use tracing::{info, info_span, warn};
 
 use super::can_update::{can_update_machine, can_update_machine_set};
+use super::settings::Settings;
 use super::types::{
-    API_VERSION, CanUpdateMachineRequest, CanUpdateMachineSetRequest, DiscoveryRequest,
-    DiscoveryResponse, ExtensionHandler, FailurePolicy, GroupVersionHook, Hook, HookRequest,
-    HookResponse, ResponseStatus, UpdateMachineRequest, object,
+    API_VERSION, CanUpdateMachineRequest, CanUpdateMachineResponse, CanUpdateMachineSetRequest,
+    CanUpdateMachineSetResponse, DiscoveryRequest, DiscoveryResponse, ExtensionHandler,
+    FailurePolicy, GroupVersionHook, Hook, HookRequest, HookResponse, ResponseStatus,
+    UpdateMachineRequest, object,
 };
 use super::update_machine::UpdateMachineHandler;
 use crate::telemetry::metrics::{HookResult, Metrics, Outcome};
@@ -71,7 +74,13 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineRequest| async move {
-                        let (response, reason) = can_update_machine(&request);
+                        let (response, reason) = match refusal(&state, &request.settings) {
+                            Some(message) => (
+                                CanUpdateMachineResponse::new(ResponseStatus::Success, message),
+                                "settings",
+                            ),
+                            None => can_update_machine(&request),
+                        };
                         log_decision(
                             &state.metrics,
                             Hook::CanUpdateMachine,
@@ -95,7 +104,13 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineSetRequest| async move {
-                        let (response, reason) = can_update_machine_set(&request);
+                        let (response, reason) = match refusal(&state, &request.settings) {
+                            Some(message) => (
+                                CanUpdateMachineSetResponse::new(ResponseStatus::Success, message),
+                                "settings",
+                            ),
+                            None => can_update_machine_set(&request),
+                        };
                         log_decision(
                             &state.metrics,
                             Hook::CanUpdateMachineSet,
@@ -284,6 +299,14 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
     Ok(request)
 }
 
+/// Why this extension's UpdateMachine would refuse these settings (see
+/// [`UpdateMachineHandler::refuses`]): CanUpdate then declines with it. Invalid settings are left
+/// to the decision, which says what is wrong with them.
+fn refusal(state: &AppState, settings: &BTreeMap<String, String>) -> Option<String> {
+    let settings = Settings::from_map(settings).ok()?;
+    state.update_machine.refuses(&settings)
+}
+
 fn log_decision(
     metrics: &Metrics,
     hook: Hook,
@@ -314,16 +337,22 @@ mod test {
     use crate::hooks::types::UpdateMachineResponse;
     use futures::future::BoxFuture;
 
-    /// Answers every UpdateMachine with the same in-progress response, to test the seam.
+    /// Answers every UpdateMachine with the same in-progress response, to test the seam, and
+    /// refuses the `serveCache` setting.
     struct Fixed;
 
     const FIXED_MESSAGE: &str = "step 4/10: kubeadm upgrade";
+    const REFUSAL: &str = "serveCache is not served here";
 
     impl UpdateMachineHandler for Fixed {
         fn update_machine(&self, _: UpdateMachineRequest) -> BoxFuture<'_, UpdateMachineResponse> {
             let mut response = UpdateMachineResponse::new(ResponseStatus::Success, FIXED_MESSAGE);
             response.retry_after_seconds = 10;
             Box::pin(std::future::ready(response))
+        }
+
+        fn refuses(&self, settings: &Settings) -> Option<String> {
+            settings.serve_cache.then(|| REFUSAL.to_owned())
         }
     }
     use axum::http::Request;
@@ -489,6 +518,41 @@ mod test {
                 "message": FIXED_MESSAGE,
                 "retryAfterSeconds": 10,
             })
+        );
+    }
+
+    #[tokio::test]
+    async fn can_update_declines_what_update_machine_would_refuse() {
+        let in_place: Value =
+            serde_json::from_slice(&capd_inplace_e2e::bench::can_update_machine_request()).unwrap();
+        let mut refused = in_place.clone();
+        refused["settings"]["serveCache"] = json!("true");
+        let path = format!("{BASE}/canupdatemachine/can-update-machine");
+
+        let (_, answer) = call(app(""), &path, in_place.to_string()).await;
+        assert_eq!(answer["status"], "Success", "{answer}");
+        assert!(answer["machinePatch"].is_object(), "{answer}");
+
+        let (_, answer) = call(app(""), &path, refused.to_string()).await;
+        assert_eq!(answer["status"], "Success", "{answer}");
+        assert_eq!(answer["message"], REFUSAL);
+        assert!(answer.get("machinePatch").is_none(), "{answer}");
+
+        let (_, answer) = call(
+            app(""),
+            &format!("{BASE}/canupdatemachineset/can-update-machineset"),
+            r#"{"settings":{"serveCache":"true"}}"#,
+        )
+        .await;
+        assert_eq!(answer["message"], REFUSAL);
+        assert!(answer.get("machineSetPatch").is_none(), "{answer}");
+
+        // Invalid settings are the decision's to explain.
+        let (_, answer) = call(app(""), &path, r#"{"settings":{"serveCache":"maybe"}}"#).await;
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("invalid setting serveCache:"),
+            "{message}"
         );
     }
 

@@ -28,6 +28,11 @@ use crate::version::KubeVersion;
 pub trait UpdateMachineHandler: Send + Sync + 'static {
     fn update_machine(&self, request: UpdateMachineRequest)
     -> BoxFuture<'_, UpdateMachineResponse>;
+
+    /// Why an UpdateMachine with these settings would be refused by this extension whatever the
+    /// Machine (a way of staging it was not started for), or `None`. The CanUpdate hooks decline
+    /// with it, so CAPI replaces the Machine instead of retrying an update that cannot start.
+    fn refuses(&self, settings: &Settings) -> Option<String>;
 }
 
 /// The real UpdateMachine: one background upgrade job per Machine, driven by the upgrade engine.
@@ -41,7 +46,7 @@ pub struct EngineHandler {
 
 impl EngineHandler {
     /// `cache_server`: where the nodes download from when a request's `serveCache` setting asks
-    /// for it; `None` makes such requests fail with a message saying so.
+    /// for it; with `None` such requests are refused ([`UpdateMachineHandler::refuses`]).
     pub fn new(
         engine: Engine,
         caches: ArtifactCaches,
@@ -96,6 +101,10 @@ impl UpdateMachineHandler for EngineHandler {
             }
         };
         Box::pin(std::future::ready(response))
+    }
+
+    fn refuses(&self, settings: &Settings) -> Option<String> {
+        self.registry.runner().refuses(settings)
     }
 }
 
@@ -183,29 +192,36 @@ pub struct JobRunner {
 }
 
 impl JobRunner {
+    /// See [`UpdateMachineHandler::refuses`].
+    fn refuses(&self, settings: &Settings) -> Option<String> {
+        if settings.fetch_in_node {
+            let base = settings
+                .artifact_url
+                .as_ref()
+                .unwrap_or_else(|| self.caches.default_source());
+            return base.is_local().then(|| {
+                "fetchInNode needs an http(s) artifactURL the nodes can reach, not file://".into()
+            });
+        }
+        (settings.serve_cache && self.cache_server.is_none()).then(|| {
+            "serveCache needs the extension started with --cache-server-address, an address of \
+             it the nodes reach"
+                .into()
+        })
+    }
+
     async fn options(&self, settings: &Settings) -> Result<Options, String> {
+        if let Some(refusal) = self.refuses(settings) {
+            return Err(refusal);
+        }
         let artifact_url = settings.artifact_url.clone();
         let source = if settings.fetch_in_node {
             let base = artifact_url.unwrap_or_else(|| self.caches.default_source().clone());
-            if base.is_local() {
-                return Err(
-                    "fetchInNode needs an http(s) artifactURL the nodes can reach, not file://"
-                        .into(),
-                );
-            }
             Source::FetchInNode {
                 base_url: base.as_str().to_string(),
             }
         } else {
-            let server = match (&self.cache_server, settings.serve_cache) {
-                (_, false) => None,
-                (Some(server), true) => Some(server.clone()),
-                (None, true) => {
-                    return Err("serveCache needs the extension started with \
-                                --cache-server-address, an address of it the nodes reach"
-                        .into());
-                }
-            };
+            let server = self.cache_server.clone().filter(|_| settings.serve_cache);
             let cache = self
                 .caches
                 .get(artifact_url)

@@ -121,6 +121,11 @@ where
         }
     }
 
+    /// What runs the jobs.
+    pub fn runner(&self) -> &X {
+        &self.runner
+    }
+
     #[cfg(test)]
     fn with_backoff(mut self, backoff: fn(u32) -> Duration) -> Self {
         self.backoff = backoff;
