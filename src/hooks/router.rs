@@ -74,22 +74,25 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineRequest| async move {
-                        let (response, reason) = match refusal(&state, &request.settings) {
-                            Some(message) => (
-                                CanUpdateMachineResponse::new(ResponseStatus::Success, message),
-                                "settings",
-                            ),
-                            None => can_update_machine(&request),
-                        };
+                        let (mut response, mut reason) = can_update_machine(&request);
+                        let mut patched = response.machine_patch.is_some()
+                            || response.infrastructure_machine_patch.is_some()
+                            || response.bootstrap_config_patch.is_some();
+                        if let Some(message) = patched
+                            .then(|| refusal(&state, &request.settings))
+                            .flatten()
+                        {
+                            response =
+                                CanUpdateMachineResponse::new(ResponseStatus::Success, message);
+                            (reason, patched) = ("settings", false);
+                        }
                         log_decision(
                             &state.metrics,
                             Hook::CanUpdateMachine,
                             reason,
                             request.current.machine.as_ref(),
                             &response.message,
-                            response.machine_patch.is_some()
-                                || response.infrastructure_machine_patch.is_some()
-                                || response.bootstrap_config_patch.is_some(),
+                            patched,
                         );
                         response
                     },
@@ -104,22 +107,25 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineSetRequest| async move {
-                        let (response, reason) = match refusal(&state, &request.settings) {
-                            Some(message) => (
-                                CanUpdateMachineSetResponse::new(ResponseStatus::Success, message),
-                                "settings",
-                            ),
-                            None => can_update_machine_set(&request),
-                        };
+                        let (mut response, mut reason) = can_update_machine_set(&request);
+                        let mut patched = response.machine_set_patch.is_some()
+                            || response.infrastructure_machine_template_patch.is_some()
+                            || response.bootstrap_config_template_patch.is_some();
+                        if let Some(message) = patched
+                            .then(|| refusal(&state, &request.settings))
+                            .flatten()
+                        {
+                            response =
+                                CanUpdateMachineSetResponse::new(ResponseStatus::Success, message);
+                            (reason, patched) = ("settings", false);
+                        }
                         log_decision(
                             &state.metrics,
                             Hook::CanUpdateMachineSet,
                             reason,
                             request.current.machine_set.as_ref(),
                             &response.message,
-                            response.machine_set_patch.is_some()
-                                || response.infrastructure_machine_template_patch.is_some()
-                                || response.bootstrap_config_template_patch.is_some(),
+                            patched,
                         );
                         response
                     },
@@ -300,8 +306,9 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
 }
 
 /// Why this extension's UpdateMachine would refuse these settings (see
-/// [`UpdateMachineHandler::refuses`]): CanUpdate then declines with it. Invalid settings are left
-/// to the decision, which says what is wrong with them.
+/// [`UpdateMachineHandler::refuses`]): it turns an in-place decision into a decline, so every
+/// other decline (invalid settings, `disableInPlaceUpdates`, a change that is not a version
+/// change) keeps its own message and reason.
 fn refusal(state: &AppState, settings: &BTreeMap<String, String>) -> Option<String> {
     let settings = Settings::from_map(settings).ok()?;
     state.update_machine.refuses(&settings)
@@ -538,22 +545,31 @@ mod test {
         assert_eq!(answer["message"], REFUSAL);
         assert!(answer.get("machinePatch").is_none(), "{answer}");
 
+        // Every other decline keeps its own message: invalid settings, disabled updates, a
+        // request the decision itself declines.
+        for (settings, declined) in [
+            (
+                json!({"serveCache": "true", "workerMaxMinorSkew": "9"}),
+                "invalid setting workerMaxMinorSkew:",
+            ),
+            (
+                json!({"serveCache": "true", "disableInPlaceUpdates": "true"}),
+                "in-place updates are disabled",
+            ),
+        ] {
+            let mut request = in_place.clone();
+            request["settings"] = settings;
+            let (_, answer) = call(app(""), &path, request.to_string()).await;
+            let message = answer["message"].as_str().unwrap();
+            assert!(message.starts_with(declined), "{message}");
+        }
         let (_, answer) = call(
             app(""),
             &format!("{BASE}/canupdatemachineset/can-update-machineset"),
             r#"{"settings":{"serveCache":"true"}}"#,
         )
         .await;
-        assert_eq!(answer["message"], REFUSAL);
-        assert!(answer.get("machineSetPatch").is_none(), "{answer}");
-
-        // Invalid settings are the decision's to explain.
-        let (_, answer) = call(app(""), &path, r#"{"settings":{"serveCache":"maybe"}}"#).await;
-        let message = answer["message"].as_str().unwrap();
-        assert!(
-            message.starts_with("invalid setting serveCache:"),
-            "{message}"
-        );
+        assert_eq!(answer["message"], "request has no MachineSet");
     }
 
     #[tokio::test]

@@ -80,6 +80,10 @@ impl UpdateMachineHandler for EngineHandler {
     ) -> BoxFuture<'_, UpdateMachineResponse> {
         let response = match UpgradeJob::from_request(&request) {
             Err(message) => UpdateMachineResponse::failure(message),
+            // Refused before any job starts, so no upgrade is reported started.
+            Ok(job) if let Some(refusal) = self.refuses(&job.settings) => {
+                UpdateMachineResponse::failure(refusal)
+            }
             Ok(job) => {
                 let (key, version) = (job.machine.clone(), job.target.version);
                 match self.registry.poll(key, version, || job) {

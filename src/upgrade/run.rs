@@ -482,12 +482,10 @@ impl Lease {
 /// Extends a lease this process holds, in an exec of its own; [`Error::Busy`] when it no longer
 /// holds it.
 async fn renew(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
-    // A renewal gets a third of the lease's time, the pause between renewals: one that hangs is
-    // given up in time for the next to keep the lease, where a longer one would let it expire.
     let renew = under_lease_lock(&journal::LEASE_RENEW)
         .arg(owner)
         .arg(ttl.as_secs().to_string())
-        .timeout(ttl / 3);
+        .timeout(Duration::from_secs(30));
     lease_answer(node, node.exec(renew).await?)
 }
 
