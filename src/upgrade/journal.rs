@@ -163,10 +163,11 @@ printf '%s %s\n' "$owner" "$((now + ttl))" > "$lease.tmp"
 mv -f "$lease.tmp" "$lease"
 "#;
 
-/// The head of a script that changes the node only for the lease's holder, run under the lease
-/// lock as `sh -c 'IF_LEASE_HELD…' sh LEASE_FILE OWNER ARGS…`: unless `OWNER` holds the lease it
-/// prints the holder (or `nobody`) and exits [`LEASE_HELD`]; else the rest of the script runs
-/// with `ARGS…` as its arguments and `$lease` and `$owner` set.
+/// The head of a script that changes the node only for the lease's holder, run as
+/// `sh -c 'IF_LEASE_HELD…' sh LEASE_FILE OWNER ARGS…` (under the lease lock when what follows
+/// must not be separated from the check): unless `OWNER` holds the lease it prints the holder (or
+/// `nobody`) and exits [`LEASE_HELD`]; else the rest of the script runs with `ARGS…` as its
+/// arguments and `$lease` and `$owner` set. Alone, it is the check.
 pub const IF_LEASE_HELD: &str = r#"set -eu
 lease="$1"; owner="$2"; shift 2
 holder=
