@@ -4,14 +4,6 @@
 
 mod cli;
 
-/// mimalloc, not glibc's malloc: a 30 KB CanUpdateMachine request makes hundreds of short-lived
-/// allocations on whichever worker thread serves it. Counted with callgrind, glibc's malloc and
-/// free took about 17% of the extension's instructions per request, mimalloc about 3%
-/// (docs/benchmarks.md, "Where the time goes"). Without transparent huge pages (`no_thp`):
-/// with them, each touched 2 MiB stays resident, and the peak at 20 upgrades at once doubled.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +23,15 @@ use capd_inplace::telemetry::metrics::{Metrics, metrics_router};
 use capd_inplace::telemetry::{self, EventSink, LogFormat};
 use capd_inplace::upgrade::{Engine, Options, Source, Timeouts, cluster};
 use capd_inplace::version::KubeVersion;
+
+/// mimalloc, not glibc's malloc: a 30 KB CanUpdateMachine request makes hundreds of short-lived
+/// allocations on whichever worker thread serves it. Counted with callgrind, glibc's malloc and
+/// free took about 17% of the extension's instructions per request, mimalloc about 3%
+/// (docs/benchmarks.md, "Where the time goes"). Without transparent huge pages (`no_thp`):
+/// with them, each touched 2 MiB stays resident, and the peak at 20 upgrades at once went from
+/// about 50 to 82 MB.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -74,27 +74,13 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineRequest| async move {
-                        let (mut response, mut reason) = can_update_machine(&request);
-                        let mut patched = response.machine_patch.is_some()
-                            || response.infrastructure_machine_patch.is_some()
-                            || response.bootstrap_config_patch.is_some();
-                        if let Some(message) = patched
-                            .then(|| refusal(&state, &request.settings))
-                            .flatten()
-                        {
-                            response =
-                                CanUpdateMachineResponse::new(ResponseStatus::Success, message);
-                            (reason, patched) = ("settings", false);
-                        }
-                        log_decision(
-                            &state.metrics,
+                        answer_can_update(
+                            &state,
                             Hook::CanUpdateMachine,
-                            reason,
+                            &request.settings,
                             request.current.machine.as_ref(),
-                            &response.message,
-                            patched,
-                        );
-                        response
+                            can_update_machine(&request),
+                        )
                     },
                 )
             }),
@@ -107,27 +93,13 @@ fn handlers() -> Vec<Handler> {
                     state.metrics.clone(),
                     body,
                     move |request: CanUpdateMachineSetRequest| async move {
-                        let (mut response, mut reason) = can_update_machine_set(&request);
-                        let mut patched = response.machine_set_patch.is_some()
-                            || response.infrastructure_machine_template_patch.is_some()
-                            || response.bootstrap_config_template_patch.is_some();
-                        if let Some(message) = patched
-                            .then(|| refusal(&state, &request.settings))
-                            .flatten()
-                        {
-                            response =
-                                CanUpdateMachineSetResponse::new(ResponseStatus::Success, message);
-                            (reason, patched) = ("settings", false);
-                        }
-                        log_decision(
-                            &state.metrics,
+                        answer_can_update(
+                            &state,
                             Hook::CanUpdateMachineSet,
-                            reason,
+                            &request.settings,
                             request.current.machine_set.as_ref(),
-                            &response.message,
-                            patched,
-                        );
-                        response
+                            can_update_machine_set(&request),
+                        )
                     },
                 )
             }),
@@ -305,13 +277,76 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
     Ok(request)
 }
 
-/// Why this extension's UpdateMachine would refuse these settings (see
-/// [`UpdateMachineHandler::refuses`]): it turns an in-place decision into a decline, so every
-/// other decline (invalid settings, `disableInPlaceUpdates`, a change that is not a version
-/// change) keeps its own message and reason.
-fn refusal(state: &AppState, settings: &BTreeMap<String, String>) -> Option<String> {
-    let settings = Settings::from_map(settings).ok()?;
-    state.update_machine.refuses(&settings)
+/// The answer of either CanUpdate hook, as the router handles it.
+trait CanUpdateAnswer: HookResponse {
+    /// Whether it patches any object, that is, answers "in place".
+    fn patched(&self) -> bool;
+    /// A decline: `Success` with a message and no patches.
+    fn declined(message: String) -> Self;
+    fn message(&self) -> &str;
+}
+
+impl CanUpdateAnswer for CanUpdateMachineResponse {
+    fn patched(&self) -> bool {
+        self.machine_patch.is_some()
+            || self.infrastructure_machine_patch.is_some()
+            || self.bootstrap_config_patch.is_some()
+    }
+
+    fn declined(message: String) -> Self {
+        Self::new(ResponseStatus::Success, message)
+    }
+
+    fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl CanUpdateAnswer for CanUpdateMachineSetResponse {
+    fn patched(&self) -> bool {
+        self.machine_set_patch.is_some()
+            || self.infrastructure_machine_template_patch.is_some()
+            || self.bootstrap_config_template_patch.is_some()
+    }
+
+    fn declined(message: String) -> Self {
+        Self::new(ResponseStatus::Success, message)
+    }
+
+    fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Finishes a CanUpdate `decision` (the answer and its reason label): an in-place answer becomes
+/// a decline when this extension's UpdateMachine would refuse the settings (see
+/// [`UpdateMachineHandler::refuses`]), so every other decline (invalid settings,
+/// `disableInPlaceUpdates`, a change that is not a version change) keeps its own message and
+/// reason. Then counts and logs it.
+fn answer_can_update<A: CanUpdateAnswer>(
+    state: &AppState,
+    hook: Hook,
+    settings: &BTreeMap<String, String>,
+    owner: Option<&serde_json::Value>,
+    (answer, reason): (A, &'static str),
+) -> A {
+    let refusal = answer.patched().then(|| {
+        let settings = Settings::from_map(settings).ok()?;
+        state.update_machine.refuses(&settings)
+    });
+    let (answer, reason) = match refusal.flatten() {
+        Some(message) => (A::declined(message), "settings"),
+        None => (answer, reason),
+    };
+    log_decision(
+        &state.metrics,
+        hook,
+        reason,
+        owner,
+        answer.message(),
+        answer.patched(),
+    );
+    answer
 }
 
 fn log_decision(

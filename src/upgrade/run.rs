@@ -1505,18 +1505,11 @@ impl<'a> Session<'a> {
     fn journal_command(&self) -> Result<Command> {
         let json = serde_json::to_string_pretty(&self.journal)
             .map_err(|e| Error::Verify(format!("journal: {e}")))?;
-        let path = self.paths.journal();
-        let (dir, name) = split_path(&path)?;
-        let mode = format!("{:o}", 0o644);
-        Ok(match &self.lease {
-            Some(lease) => under_lease_lock(&WRITE_IF_LEASE_HELD)
-                .arg(lease.owner.as_ref())
-                .arg(dir)
-                .arg(name)
-                .arg(mode)
-                .arg(json),
-            None => write_atomically(dir, name, &mode, &json),
-        })
+        let writer = match &self.lease {
+            Some(lease) => under_lease_lock(&WRITE_IF_LEASE_HELD).arg(lease.owner.as_ref()),
+            None => Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh"]),
+        };
+        with_write_arguments(writer, &self.paths.journal(), &json, 0o644)
     }
 
     async fn write_journal_if_changed(&mut self) -> Result<()> {
@@ -1543,24 +1536,31 @@ cat "$dir/$name"
 
 /// The command that writes `contents` to `path` atomically and prints it back.
 fn write_file_command(path: &str, contents: &str, mode: u32) -> Result<Command> {
-    let (dir, name) = split_path(path)?;
-    Ok(write_atomically(dir, name, &format!("{mode:o}"), contents))
+    with_write_arguments(
+        Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh"]),
+        path,
+        contents,
+        mode,
+    )
 }
 
-fn write_atomically(dir: &str, name: &str, mode: &str, contents: &str) -> Command {
-    Command::new(["sh", "-c", WRITE_ATOMICALLY, "sh", dir, name, mode]).arg(contents)
+/// `writer` (a script ending in [`WRITE_ATOMICALLY`]) given the write's arguments: the file's
+/// directory and name, its mode, its contents.
+fn with_write_arguments(writer: Command, path: &str, contents: &str, mode: u32) -> Result<Command> {
+    let (dir, name) = path
+        .rsplit_once('/')
+        .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))?;
+    Ok(writer
+        .arg(dir)
+        .arg(name)
+        .arg(format!("{mode:o}"))
+        .arg(contents))
 }
 
 /// [`WRITE_ATOMICALLY`] behind [`journal::IF_LEASE_HELD`], run by [`under_lease_lock`] with the
 /// owner and then the write's arguments.
 static WRITE_IF_LEASE_HELD: LazyLock<String> =
     LazyLock::new(|| format!("{}{WRITE_ATOMICALLY}", journal::IF_LEASE_HELD));
-
-/// A file's directory and name.
-fn split_path(path: &str) -> Result<(&str, &str)> {
-    path.rsplit_once('/')
-        .ok_or_else(|| Error::Verify(format!("{path} is not an absolute path")))
-}
 
 /// Reads the answer to a command behind [`journal::IF_LEASE_HELD`] ([`Lease::holder_check`], or
 /// [`Session::journal_command`] under a lease): [`Error::LeaseLost`] when the lease had passed to

@@ -1,9 +1,9 @@
 //! The ceiling of the hook-path load test (`scripts/bench-hooks.sh`): the extension's HTTPS stack
 //! with nothing of ours on top. Same allocator, TLS library, provider, protocol versions and
 //! certificate (the extension's dev certificate), same ALPN (h2 and HTTP/1.1), same server
-//! (axum-server on a multi-threaded tokio runtime); every request's body is read whole, as the extension reads it,
-//! and answered with the same bytes, read once from a file holding one of the extension's
-//! answers. Whatever the extension serves below this server's rate is the cost of our handlers,
+//! (axum-server on a multi-threaded tokio runtime); every request's body is read whole, as the
+//! extension reads it, and answered with the same bytes, read once from a file holding one of the
+//! extension's answers. Whatever the extension serves below this server's rate is the cost of our handlers,
 //! layers and state.
 //!
 //! With `--validate-json` it also checks that each body is JSON (serde_json skipping every value,
