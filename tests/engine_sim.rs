@@ -11,7 +11,7 @@ use capd_inplace::artifacts::{
     ArtifactCache, ArtifactCaches, ArtifactSource, CacheServer, FetchConfig,
 };
 use capd_inplace::hooks::settings::Settings;
-use capd_inplace::hooks::types::{ResponseStatus, UpdateMachineRequest};
+use capd_inplace::hooks::types::{HookRequest, ResponseStatus, UpdateMachineRequest};
 use capd_inplace::hooks::update_machine::{EngineHandler, UpdateMachineHandler};
 use capd_inplace::node::Docker;
 use capd_inplace::telemetry::{EventSink, metrics::Metrics};
@@ -492,7 +492,7 @@ fn update_machine_request(
     for (name, value) in settings {
         request["settings"][name] = (*value).into();
     }
-    serde_json::from_value(request).unwrap()
+    UpdateMachineRequest::read(&serde_json::to_vec(&request).unwrap()).unwrap()
 }
 
 /// Polls as CAPI does until the handler answers done, which must be within two minutes.

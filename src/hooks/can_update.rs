@@ -763,7 +763,9 @@ fn json_pointer(path: &[&str]) -> String {
 #[cfg(test)]
 mod test {
     use super::*;
-    use crate::hooks::types::{CanUpdateMachineRequestObjects, CanUpdateMachineSetRequestObjects};
+    use crate::hooks::types::{
+        CanUpdateMachineRequestObjects, CanUpdateMachineSetRequestObjects, HookRequest,
+    };
     use serde_json::json;
 
     fn docker_machine(image: Option<&str>) -> Value {
@@ -835,7 +837,7 @@ mod test {
     /// The decision on a case's request, read as it is served.
     fn run(case: &Case) -> Decision {
         let body = request_body(case).to_string();
-        machine_decision(&serde_json::from_str(&body).unwrap())
+        machine_decision(&CanUpdateMachineRequest::read(body.as_bytes()).unwrap())
     }
 
     #[test]
@@ -1183,7 +1185,7 @@ mod test {
     /// The message of the CanUpdateMachine answer to `body` as served (objects decoded along their
     /// outlines), after checking that the objects decoded whole get the very same answer.
     fn machine_answer(body: &Value) -> String {
-        let served: CanUpdateMachineRequest = serde_json::from_str(&body.to_string()).unwrap();
+        let served = CanUpdateMachineRequest::read(body.to_string().as_bytes()).unwrap();
         let objects = |side| CanUpdateMachineRequestObjects {
             machine: whole(body, side, "machine"),
             infrastructure_machine: whole(body, side, "infrastructureMachine"),
@@ -1202,7 +1204,7 @@ mod test {
 
     /// As [`machine_answer`], for CanUpdateMachineSet.
     fn machine_set_answer(body: &Value) -> String {
-        let served: CanUpdateMachineSetRequest = serde_json::from_str(&body.to_string()).unwrap();
+        let served = CanUpdateMachineSetRequest::read(body.to_string().as_bytes()).unwrap();
         let objects = |side| CanUpdateMachineSetRequestObjects {
             machine_set: whole(body, side, "machineSet"),
             infrastructure_machine_template: whole(body, side, "infrastructureMachineTemplate"),

@@ -264,7 +264,7 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
             "request body is not a valid {expected}: not a JSON object"
         ));
     }
-    let request: Request = serde_json::from_slice(&bytes)
+    let request = Request::read(&bytes)
         .map_err(|err| format!("request body is not a valid {expected}: {err}"))?;
     if !request.api_version().is_empty() && request.api_version() != API_VERSION {
         return Err(format!(
