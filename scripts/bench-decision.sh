@@ -14,8 +14,8 @@ echo "### In-process CanUpdateMachine decision"
 echo
 echo "\`scripts/bench-decision.sh\` (criterion, \`benches/can_update.rs\`): a CanUpdateMachine request"
 echo "padded to 30 KB with files in the KubeadmConfig, as real clusters carry them. The floor is"
-echo "serde_json checking that the request is JSON and keeping nothing (as the validating ceiling of"
-echo "the hook load does): what reading this request costs at the least."
+echo "the extension's scanner (\`src/hooks/scan.rs\`) checking that the whole request is JSON and keeping"
+echo "nothing; the reference is serde_json doing the same, as the validating ceiling of the hook load does."
 echo
 echo "| what | estimate | 95% interval | aim |"
 echo "|---|---|---|---|"

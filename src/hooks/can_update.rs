@@ -755,9 +755,18 @@ fn operation(spec_path: &[&str], difference: &Difference<'_>) -> Value {
 
 /// RFC 6901 pointer from object keys.
 fn json_pointer(path: &[&str]) -> String {
-    path.iter()
-        .map(|key| format!("/{}", key.replace('~', "~0").replace('/', "~1")))
-        .collect()
+    let mut pointer = String::new();
+    for key in path {
+        pointer.push('/');
+        for character in key.chars() {
+            match character {
+                '~' => pointer.push_str("~0"),
+                '/' => pointer.push_str("~1"),
+                other => pointer.push(other),
+            }
+        }
+    }
+    pointer
 }
 
 #[cfg(test)]

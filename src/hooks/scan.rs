@@ -125,8 +125,9 @@ impl<'a> Scanner<'a> {
     /// most often read, is taken as it is.
     pub fn decode_value(&mut self) -> Result<serde_json::Value, ReadError> {
         let span = self.skip()?;
-        if let [b'"', inner @ .., b'"'] = self.text(span)
-            && !inner.contains(&b'\\')
+        let text = self.text(span);
+        if let [b'"', inner @ .., b'"'] = text
+            && plain_end(text, 1) == text.len() - 1
             && let Ok(text) = std::str::from_utf8(inner)
         {
             return Ok(serde_json::Value::String(text.to_owned()));
@@ -211,11 +212,13 @@ pub struct Members {
 }
 
 impl Members {
-    /// The next member's key, unescaped, or `None` after the object's closing brace.
+    /// The next member's key, unescaped, or `None` after the object's closing brace. Its bytes as
+    /// they are when it has no escape: keys are compared with names, which a key that is not UTF-8
+    /// matches none of (Go's encoding/json reads such bytes as U+FFFD).
     pub fn next_key<'a>(
         &mut self,
         scan: &mut Scanner<'a>,
-    ) -> Result<Option<Cow<'a, str>>, ReadError> {
+    ) -> Result<Option<Cow<'a, [u8]>>, ReadError> {
         scan.skip_whitespace();
         match scan.body.get(scan.at) {
             Some(b'}') => {
@@ -234,15 +237,13 @@ impl Members {
         let (end, value_start) =
             key_end(scan.body, start).map_err(|bad| scan.error_at(bad.at, bad.what))?;
         scan.at = value_start;
-        let unquoted = &scan.body[start + 1..end - 1];
-        if !unquoted.contains(&b'\\')
-            && let Ok(key) = std::str::from_utf8(unquoted)
-        {
-            return Ok(Some(Cow::Borrowed(key)));
+        // Without an escape, the key's first special byte is its closing quote.
+        if plain_end(scan.body, start + 1) == end - 1 {
+            return Ok(Some(Cow::Borrowed(&scan.body[start + 1..end - 1])));
         }
-        // Rare: a key with escapes (or not UTF-8) is decoded, strictly, as serde_json decodes keys.
+        // Rare: a key with escapes is decoded, strictly, as serde_json decodes keys.
         scan.decode_span::<String>(Span { start, end })
-            .map(|key| Some(Cow::Owned(key)))
+            .map(|key| Some(Cow::Owned(key.into_bytes())))
     }
 }
 
@@ -588,7 +589,7 @@ mod tests {
         while let Some(key) = members.next_key(&mut scan).unwrap() {
             let span = scan.skip().unwrap();
             seen.push((
-                key.into_owned(),
+                String::from_utf8(key.into_owned()).unwrap(),
                 String::from_utf8(scan.text(span).to_vec()).unwrap(),
             ));
         }

@@ -187,7 +187,7 @@ struct Common {
 /// encoding/json: a `null` field reads as the zero value, and a repeated field as its last value.
 fn read_request<'a>(
     body: &'a [u8],
-    mut field: impl FnMut(&str, &mut Scanner<'a>) -> Result<bool, ReadError>,
+    mut field: impl FnMut(&[u8], &mut Scanner<'a>) -> Result<bool, ReadError>,
 ) -> Result<Common, ReadError> {
     let mut scan = Scanner::new(body);
     let mut members = scan
@@ -196,10 +196,10 @@ fn read_request<'a>(
     let mut common = Common::default();
     while let Some(key) = members.next_key(&mut scan)? {
         match &*key {
-            "apiVersion" => common.api_version = scan.decode::<Option<_>>()?.unwrap_or_default(),
-            "kind" => common.kind = scan.decode::<Option<_>>()?.unwrap_or_default(),
+            b"apiVersion" => common.api_version = scan.decode::<Option<_>>()?.unwrap_or_default(),
+            b"kind" => common.kind = scan.decode::<Option<_>>()?.unwrap_or_default(),
             // ExtensionConfig `spec.settings`; a `null` value reads as an empty string.
-            "settings" => {
+            b"settings" => {
                 let settings: Option<BTreeMap<String, Option<String>>> = scan.decode()?;
                 common.settings = settings
                     .unwrap_or_default()
@@ -278,7 +278,7 @@ fn read_along(
             };
             let mut kept = Map::new();
             while let Some(key) = members.next_key(scan)? {
-                match fields.iter().find(|(name, _)| *name == key) {
+                match fields.iter().find(|(name, _)| name.as_bytes() == &*key) {
                     // A repeated field keeps its last value, as serde_json's own `Value` does.
                     Some((name, outline)) => {
                         let value = read_along(scan, outline, spec, known_spec)?;
@@ -423,7 +423,7 @@ fn decode_spec_pair(
             scan.decode_span(desired).map_err(in_context("desired"))?,
         ));
     };
-    let decode = |fields: &[(Cow<str>, Span)], others: &[(Cow<str>, Span)]| {
+    let decode = |fields: &[(Cow<[u8]>, Span)], others: &[(Cow<[u8]>, Span)]| {
         let mut decoded = Map::new();
         for (key, value) in fields {
             // A repeated key counts with its last value, as decoding the whole spec would.
@@ -431,17 +431,19 @@ fn decode_spec_pair(
             let same = other.is_some_and(|(_, other)| scan.text(*other) == scan.text(*value));
             let outline = match unchanged {
                 _ if !same => &Outline::Whole,
-                Outline::Fields(read) => match read.iter().find(|(name, _)| name == key) {
-                    Some((_, outline)) => outline,
-                    None => {
-                        decoded.remove(&**key);
-                        continue;
+                Outline::Fields(read) => {
+                    match read.iter().find(|(name, _)| name.as_bytes() == &**key) {
+                        Some((_, outline)) => outline,
+                        None => {
+                            decoded.remove(&*key_text(key));
+                            continue;
+                        }
                     }
-                },
+                }
                 _ => &Outline::Whole,
             };
             let value = read_along(&mut Scanner::at(body, *value), outline, &mut None, None)?;
-            decoded.insert(key.clone().into_owned(), value);
+            decoded.insert(key_text(key).into_owned(), value);
         }
         Ok::<_, ReadError>(Value::Object(decoded))
     };
@@ -449,6 +451,15 @@ fn decode_spec_pair(
         decode(&current_fields, &desired_fields).map_err(in_context("current"))?,
         decode(&desired_fields, &current_fields).map_err(in_context("desired"))?,
     ))
+}
+
+/// A key as text; one that is not UTF-8 with U+FFFD in place of each bad byte, as Go's
+/// encoding/json reads it.
+fn key_text(key: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(key) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(key),
+    }
 }
 
 /// Reads the objects of one side of a CanUpdate request (`null` reads as none), named on the wire
@@ -468,7 +479,7 @@ fn read_objects(
         .object()
         .ok_or_else(|| scan.error_here(&format!("expected an object ({expecting})")))?;
     while let Some(key) = members.next_key(scan)? {
-        match names.iter().position(|name| *name == key) {
+        match names.iter().position(|name| name.as_bytes() == &*key) {
             Some(index) => objects[index] = ReadObject::read(scan, reads, other[index].as_ref())?,
             None => {
                 scan.skip()?;
@@ -493,8 +504,8 @@ fn read_can_update(
     let mut desired = Default::default();
     let common = read_request(body, |key, scan| {
         match key {
-            "current" => current = read_objects(scan, reads, names, expecting, &desired)?,
-            "desired" => desired = read_objects(scan, reads, names, expecting, &current)?,
+            b"current" => current = read_objects(scan, reads, names, expecting, &desired)?,
+            b"desired" => desired = read_objects(scan, reads, names, expecting, &current)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -595,7 +606,7 @@ pub struct UpdateMachineRequest {
 request_type_meta!(UpdateMachineRequest, Hook::UpdateMachine, |body| {
     let mut desired = UpdateMachineRequestObjects::default();
     let common = read_request(body, |key, scan| {
-        if key != "desired" {
+        if key != b"desired" {
             return Ok(false);
         }
         desired = UpdateMachineRequestObjects::read(scan)?;
@@ -630,7 +641,7 @@ impl UpdateMachineRequestObjects {
             .object()
             .ok_or_else(|| scan.error_here("expected an object (UpdateMachineRequestObjects)"))?;
         while let Some(key) = members.next_key(scan)? {
-            if key != "machine" {
+            if &*key != b"machine" {
                 scan.skip()?;
             } else if scan.null() {
                 objects.machine = None;
@@ -953,6 +964,67 @@ mod test {
         let (current, desired) = read_pair(r#"{"kind": "A"}"#, r#"{"spec": 1}"#, nothing).unwrap();
         assert_eq!(current, Some(json!({"kind": "A"})));
         assert_eq!(desired, Some(json!({"spec": 1})));
+    }
+
+    #[test]
+    fn fields_that_are_the_same_text_on_both_sides_are_read_to_their_outline() {
+        let nothing = &TEST_READS.unchanged_owner;
+        // Only the fields that differ are decoded; a field that is the same text on both sides is
+        // only checked to be JSON, so its number out of range is no error.
+        let (current, desired) = read_pair(
+            r#"{"spec": {"big": {"x": 1e400}, "version": "v1.33.6", "same": [1], "gone": 1}}"#,
+            r#"{"spec": {"big": {"x": 1e400}, "version": "v1.34.2", "same": [1], "new": {}}}"#,
+            nothing,
+        )
+        .unwrap();
+        assert_eq!(
+            current,
+            Some(json!({"spec": {"version": "v1.33.6", "gone": 1}}))
+        );
+        assert_eq!(
+            desired,
+            Some(json!({"spec": {"version": "v1.34.2", "new": {}}}))
+        );
+
+        // A field the same on both sides is read along the unchanged spec's outline.
+        let backend = &TEST_READS.unchanged_infrastructure;
+        let (current, desired) = read_pair(
+            r#"{"spec": {"backend": {"docker": {"image": "a"}, "x": 1}, "image": "a"}}"#,
+            r#"{"spec": {"backend": {"docker": {"image": "a"}, "x": 1}, "image": "b"}}"#,
+            backend,
+        )
+        .unwrap();
+        assert_eq!(
+            current,
+            Some(json!({"spec": {"backend": {"docker": {}}, "image": "a"}}))
+        );
+        assert_eq!(
+            desired,
+            Some(json!({"spec": {"backend": {"docker": {}}, "image": "b"}}))
+        );
+
+        // A repeated field counts with its last value, on each side.
+        let (current, desired) = read_pair(
+            r#"{"spec": {"k": 1, "k": 2, "v": 1}}"#,
+            r#"{"spec": {"k": 2, "v": 2}}"#,
+            nothing,
+        )
+        .unwrap();
+        assert_eq!(current, Some(json!({"spec": {"v": 1}})));
+        assert_eq!(desired, Some(json!({"spec": {"v": 2}})));
+
+        // What differs is decoded strictly, and the error says whose spec it was.
+        let error = read_pair(
+            r#"{"spec": {"n": 1e400}}"#,
+            r#"{"spec": {"n": 1}}"#,
+            nothing,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("current test spec: number out of range"),
+            "{error}"
+        );
     }
 
     #[test]
