@@ -185,10 +185,18 @@ static MACHINE_SET: Shape = Shape {
     max_minors: None,
 };
 
-/// An object's outline: what every check reads (`kind`, the group of `apiVersion`, and
-/// `metadata` for logs), with the spec at `$spec`.
+/// An object's outline: what every check reads (`kind` and the group of `apiVersion`), with the
+/// spec at `$spec`; and, given `metadata` (for the owner, whose name the decision is logged with),
+/// `metadata.name` and `metadata.namespace`.
 macro_rules! object_outline {
     ($spec:expr) => {
+        Outline::Fields(&[
+            ("apiVersion", Outline::Whole),
+            ("kind", Outline::Whole),
+            ("spec", $spec),
+        ])
+    };
+    ($spec:expr, metadata) => {
         Outline::Fields(&[
             ("apiVersion", Outline::Whole),
             ("kind", Outline::Whole),
@@ -214,7 +222,11 @@ const UNCHANGED_INFRASTRUCTURE_SPEC: Outline = Outline::Fields(&[(
 
 /// What [`decide`] reads of the objects of a CanUpdateMachine request, in step with [`MACHINE`].
 const MACHINE_READS: Reads = Reads {
-    object: object_outline!(Outline::Spec),
+    objects: [
+        object_outline!(Outline::Spec, metadata),
+        object_outline!(Outline::Spec),
+        object_outline!(Outline::Spec),
+    ],
     spec_path: MACHINE_SPEC,
     unchanged_owner: UNCHANGED_SPEC,
     unchanged_infrastructure: UNCHANGED_INFRASTRUCTURE_SPEC,
@@ -225,12 +237,17 @@ impl CanUpdateReads for CanUpdateMachineRequest {
     const READS: &'static Reads = &MACHINE_READS;
 }
 
+/// A template's spec, where a MachineSet and the templates it points at keep theirs.
+const TEMPLATE_SPEC: Outline =
+    Outline::Fields(&[("template", Outline::Fields(&[("spec", Outline::Spec)]))]);
+
 /// As [`MACHINE_READS`], for a CanUpdateMachineSet request, in step with [`MACHINE_SET`].
 const MACHINE_SET_READS: Reads = Reads {
-    object: object_outline!(Outline::Fields(&[(
-        "template",
-        Outline::Fields(&[("spec", Outline::Spec)])
-    )])),
+    objects: [
+        object_outline!(TEMPLATE_SPEC, metadata),
+        object_outline!(TEMPLATE_SPEC),
+        object_outline!(TEMPLATE_SPEC),
+    ],
     spec_path: MACHINE_SET_SPEC,
     unchanged_owner: UNCHANGED_SPEC,
     unchanged_infrastructure: UNCHANGED_INFRASTRUCTURE_SPEC,
@@ -1506,12 +1523,14 @@ mod test {
             (&MACHINE_SET_READS, &MACHINE_SET),
         ] {
             // Decoding puts the spec back at `spec_path`, the shape's own constant.
-            assert_eq!(
-                spec_marker(&reads.object).as_deref(),
-                Some(reads.spec_path),
-                "{}",
-                shape.owner_kind
-            );
+            for outline in &reads.objects {
+                assert_eq!(
+                    spec_marker(outline).as_deref(),
+                    Some(reads.spec_path),
+                    "{}",
+                    shape.owner_kind
+                );
+            }
         }
     }
 

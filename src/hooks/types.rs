@@ -245,9 +245,10 @@ pub enum Outline {
 /// no answer depends on it.
 #[derive(Debug)]
 pub struct Reads {
-    /// Every object along this outline, with [`Outline::Spec`] at `spec_path`.
-    pub object: Outline,
-    /// Where [`Outline::Spec`] is in `object`.
+    /// The objects along these outlines, in the order owner (Machine or MachineSet),
+    /// infrastructure object, bootstrap config; each with [`Outline::Spec`] at `spec_path`.
+    pub objects: [Outline; 3],
+    /// Where [`Outline::Spec`] is in each of `objects`.
     pub spec_path: &'static [&'static str],
     /// What is read of the owner's (Machine's or MachineSet's) spec when it is unchanged.
     pub unchanged_owner: Outline,
@@ -264,10 +265,10 @@ pub trait CanUpdateReads {
 
 /// Reads the next value along an outline, noting where its [`Outline::Spec`] is in `spec`. A spec
 /// that repeats `known_spec` is only compared with it.
-fn read_along(
-    scan: &mut Scanner,
+fn read_along<'a>(
+    scan: &mut Scanner<'a>,
     outline: &'static Outline,
-    spec: &mut Option<Span>,
+    spec: &mut Option<ReadSpec<'a>>,
     known_spec: Option<&[u8]>,
 ) -> Result<Value, ReadError> {
     match outline {
@@ -292,13 +293,43 @@ fn read_along(
             Ok(Value::Object(kept))
         }
         Outline::Spec => {
-            *spec = Some(match known_spec {
-                Some(known) => scan.skip_same(known)?,
-                None => scan.skip()?,
-            });
+            *spec = Some(ReadSpec::read(scan, known_spec)?);
             // A placeholder; the decoded spec takes its place (`ReadObject::finish`).
             Ok(Value::Null)
         }
+    }
+}
+
+/// The fields of a spec: each key, unescaped, and where its value is.
+type SpecFields<'a> = Vec<(Cow<'a, [u8]>, Span)>;
+
+/// A spec as it was read: where it is, and, when it is an object that was checked here rather than
+/// compared with the other side's, where each of its fields is (for [`decode_spec_pair`]).
+#[derive(Debug)]
+struct ReadSpec<'a> {
+    span: Span,
+    fields: Option<SpecFields<'a>>,
+}
+
+impl<'a> ReadSpec<'a> {
+    /// Reads the next value; when it repeats `known` (the other side's spec), only compares it.
+    fn read(scan: &mut Scanner<'a>, known: Option<&[u8]>) -> Result<Self, ReadError> {
+        if let Some(span) = known.and_then(|known| scan.skip_same(known)) {
+            return Ok(Self { span, fields: None });
+        }
+        let start = scan.here();
+        let Some(mut members) = scan.object() else {
+            let span = scan.skip()?;
+            return Ok(Self { span, fields: None });
+        };
+        let mut fields = Vec::new();
+        while let Some(key) = members.next_key(scan)? {
+            fields.push((key, scan.skip()?));
+        }
+        Ok(Self {
+            span: scan.span_from(start),
+            fields: Some(fields),
+        })
     }
 }
 
@@ -315,27 +346,27 @@ fn decode_spec(outline: &'static Outline, body: &[u8], spec: Span) -> Result<Val
 /// One object of a CanUpdate request as it was read: its fields along the outline, and where its
 /// spec is.
 #[derive(Debug, Default)]
-struct ReadObject {
+struct ReadObject<'a> {
     partial: Value,
-    spec: Option<Span>,
+    spec: Option<ReadSpec<'a>>,
 }
 
-impl ReadObject {
-    /// Reads the next value, `None` if it is `null`. `other` is the same object of the other side,
-    /// if it was read before.
+impl<'a> ReadObject<'a> {
+    /// Reads the next value along `outline`, `None` if it is `null`. `other` is the same object of
+    /// the other side, if it was read before.
     fn read(
-        scan: &mut Scanner,
-        reads: &'static Reads,
+        scan: &mut Scanner<'a>,
+        outline: &'static Outline,
         other: Option<&ReadObject>,
     ) -> Result<Option<Self>, ReadError> {
         if scan.null() {
             return Ok(None);
         }
         let known_spec = other
-            .and_then(|other| other.spec)
-            .map(|span| scan.text(span));
+            .and_then(|other| other.spec.as_ref())
+            .map(|spec| scan.text(spec.span));
         let mut spec = None;
-        let partial = read_along(scan, &reads.object, &mut spec, known_spec)?;
+        let partial = read_along(scan, outline, &mut spec, known_spec)?;
         Ok(Some(Self { partial, spec }))
     }
 
@@ -358,16 +389,17 @@ fn decode_pair(
     reads: &'static Reads,
     body: &[u8],
     name: &str,
-    [current, desired]: [Option<ReadObject>; 2],
+    [mut current, mut desired]: [Option<ReadObject>; 2],
     unchanged: &'static Outline,
 ) -> Result<(Option<Value>, Option<Value>), ReadError> {
-    let spec = |object: &Option<ReadObject>| object.as_ref().and_then(|object| object.spec);
-    let whole = |side: &str, spec: Option<Span>| {
-        spec.map(|spec| Scanner::at(body, spec).decode_span(spec))
+    let whole = |side: &str, spec: Option<ReadSpec>| {
+        spec.map(|spec| Scanner::at(body, spec.span).decode_span(spec.span))
             .transpose()
             .map_err(|err| err.context(format!("{side} {name} spec")))
     };
-    let (current_spec, desired_spec) = match (spec(&current), spec(&desired)) {
+    let current_spec = current.as_mut().and_then(|object| object.spec.take());
+    let desired_spec = desired.as_mut().and_then(|object| object.spec.take());
+    let (current_spec, desired_spec) = match (current_spec, desired_spec) {
         (Some(current_spec), Some(desired_spec)) => {
             let (current_spec, desired_spec) =
                 decode_spec_pair(unchanged, body, current_spec, desired_spec, name)?;
@@ -391,36 +423,25 @@ fn decode_pair(
 fn decode_spec_pair(
     unchanged: &'static Outline,
     body: &[u8],
-    current: Span,
-    desired: Span,
+    current: ReadSpec,
+    desired: ReadSpec,
     name: &str,
 ) -> Result<(Value, Value), ReadError> {
-    let scan = Scanner::at(body, current);
-    if scan.text(current) == scan.text(desired) {
-        let spec = decode_spec(unchanged, body, current)
+    let scan = Scanner::at(body, current.span);
+    if scan.text(current.span) == scan.text(desired.span) {
+        let spec = decode_spec(unchanged, body, current.span)
             .map_err(|err| err.context(format!("current and desired {name} spec")))?;
         return Ok((spec.clone(), spec));
     }
-    let fields = |spec: Span| {
-        let mut scan = Scanner::at(body, spec);
-        let Some(mut members) = scan.object() else {
-            return Ok(None);
-        };
-        let mut fields = Vec::new();
-        while let Some(key) = members.next_key(&mut scan)? {
-            fields.push((key, scan.skip()?));
-        }
-        Ok(Some(fields))
-    };
     let in_context =
         |side: &'static str| move |err: ReadError| err.context(format!("{side} {name} spec"));
-    let current_fields = fields(current).map_err(in_context("current"))?;
-    let desired_fields = fields(desired).map_err(in_context("desired"))?;
-    let (Some(current_fields), Some(desired_fields)) = (current_fields, desired_fields) else {
+    let (Some(current_fields), Some(desired_fields)) = (current.fields, desired.fields) else {
         // Not both objects: nothing to compare field by field.
         return Ok((
-            scan.decode_span(current).map_err(in_context("current"))?,
-            scan.decode_span(desired).map_err(in_context("desired"))?,
+            scan.decode_span(current.span)
+                .map_err(in_context("current"))?,
+            scan.decode_span(desired.span)
+                .map_err(in_context("desired"))?,
         ));
     };
     let decode = |fields: &[(Cow<[u8]>, Span)], others: &[(Cow<[u8]>, Span)]| {
@@ -464,13 +485,13 @@ fn key_text(key: &[u8]) -> Cow<'_, str> {
 
 /// Reads the objects of one side of a CanUpdate request (`null` reads as none), named on the wire
 /// as in `names`; `other` is the other side, as far as it was read.
-fn read_objects(
-    scan: &mut Scanner,
+fn read_objects<'a>(
+    scan: &mut Scanner<'a>,
     reads: &'static Reads,
     names: [&str; 3],
     expecting: &str,
     other: &[Option<ReadObject>; 3],
-) -> Result<[Option<ReadObject>; 3], ReadError> {
+) -> Result<[Option<ReadObject<'a>>; 3], ReadError> {
     let mut objects = <[Option<ReadObject>; 3]>::default();
     if scan.null() {
         return Ok(objects);
@@ -480,7 +501,10 @@ fn read_objects(
         .ok_or_else(|| scan.error_here(&format!("expected an object ({expecting})")))?;
     while let Some(key) = members.next_key(scan)? {
         match names.iter().position(|name| name.as_bytes() == &*key) {
-            Some(index) => objects[index] = ReadObject::read(scan, reads, other[index].as_ref())?,
+            Some(index) => {
+                objects[index] =
+                    ReadObject::read(scan, &reads.objects[index], other[index].as_ref())?;
+            }
             None => {
                 scan.skip()?;
             }
@@ -881,8 +905,11 @@ mod test {
     /// owner spec, and a DevMachine's backend of an unchanged infrastructure spec.
     struct Test;
 
+    const TEST_OBJECT: Outline =
+        Outline::Fields(&[("kind", Outline::Whole), ("spec", Outline::Spec)]);
+
     const TEST_READS: Reads = Reads {
-        object: Outline::Fields(&[("kind", Outline::Whole), ("spec", Outline::Spec)]),
+        objects: [TEST_OBJECT, TEST_OBJECT, TEST_OBJECT],
         spec_path: &["spec"],
         unchanged_owner: Outline::Fields(&[]),
         unchanged_infrastructure: Outline::Fields(&[(
@@ -906,9 +933,9 @@ mod test {
         let mut scan = Scanner::new(body.as_bytes());
         let mut members = scan.object().unwrap();
         members.next_key(&mut scan)?;
-        let current = ReadObject::read(&mut scan, Test::READS, None)?;
+        let current = ReadObject::read(&mut scan, &TEST_OBJECT, None)?;
         members.next_key(&mut scan)?;
-        let desired = ReadObject::read(&mut scan, Test::READS, current.as_ref())?;
+        let desired = ReadObject::read(&mut scan, &TEST_OBJECT, current.as_ref())?;
         decode_pair(
             Test::READS,
             body.as_bytes(),
