@@ -57,9 +57,12 @@ pub fn check(body: &[u8]) -> Result<(), ReadError> {
     scan.end()
 }
 
-/// How deep arrays and objects may nest inside a skipped value; serde_json allows as much when it
-/// decodes.
-const MAX_DEPTH: u32 = 128;
+/// How deep arrays and objects may nest inside a skipped value: Go's encoding/json's limit. (A
+/// value serde_json decodes may nest 127 levels.)
+const MAX_DEPTH: usize = 10_000;
+
+/// How many nesting levels one `u128` of open arrays and objects holds.
+const LEVELS_PER_WORD: usize = 128;
 
 /// A reading position in a JSON body.
 pub struct Scanner<'a> {
@@ -199,7 +202,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// An error at byte `at`, with its line and column as serde_json gives them.
+    /// An error at byte `at`, with the line and the column (both from 1) of that byte.
     pub fn error_at(&self, at: usize, message: &str) -> ReadError {
         let before = &self.body[..at.min(self.body.len())];
         let line = 1 + before.iter().filter(|&&byte| byte == b'\n').count();
@@ -290,8 +293,10 @@ fn whitespace_end(body: &[u8], mut at: usize) -> usize {
 /// and objects in a bit set rather than a recursion, so that a value nested deep cannot overflow
 /// the stack.
 fn value_end(body: &[u8], mut at: usize) -> Scanned {
-    // The open arrays and objects, innermost in bit 0: 1 for an object, 0 for an array.
+    // The innermost open arrays and objects, innermost in bit 0: 1 for an object, 0 for an array;
+    // levels further out, 128 to a word, in `outer` (empty but for values nested that deep).
     let mut open: u128 = 0;
+    let mut outer: Vec<u128> = Vec::new();
     let mut depth = 0;
     loop {
         // At the start of a value.
@@ -311,6 +316,10 @@ fn value_end(body: &[u8], mut at: usize) -> Scanned {
                 if body.get(at) == Some(if object { &b'}' } else { &b']' }) {
                     at += 1;
                 } else {
+                    if depth % LEVELS_PER_WORD == 0 && depth > 0 {
+                        outer.push(open);
+                        open = 0;
+                    }
                     depth += 1;
                     open = open << 1 | u128::from(object);
                     if object {
@@ -345,6 +354,9 @@ fn value_end(body: &[u8], mut at: usize) -> Scanned {
                     at += 1;
                     open >>= 1;
                     depth -= 1;
+                    if depth % LEVELS_PER_WORD == 0 && depth > 0 {
+                        open = outer.pop().unwrap_or_default();
+                    }
                 }
                 (_, true) => return bad(at, "expected `,` or `}`"),
                 (_, false) => return bad(at, "expected `,` or `]`"),
@@ -549,15 +561,36 @@ mod tests {
                 "serde_json accepts {json:?}"
             );
         }
-        let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        let deep = format!("{}{}", "[".repeat(10_001), "]".repeat(10_001));
         assert!(
             check(deep.as_bytes())
                 .unwrap_err()
                 .to_string()
                 .contains("too deep")
         );
-        let deepest = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        let deepest = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         check(deepest.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn nesting_deeper_than_a_word_of_levels_keeps_track_of_each_level() {
+        // Objects and arrays by turns, 300 levels: more than two words of open levels.
+        let open: String = (0..300)
+            .map(|level| if level % 2 == 0 { r#"{"a":"# } else { "[" })
+            .collect();
+        let close: Vec<char> = (0..300)
+            .rev()
+            .map(|level| if level % 2 == 0 { '}' } else { ']' })
+            .collect();
+        let text = |close: &[char]| format!("{open}1{}", close.iter().collect::<String>());
+        check(text(&close).as_bytes()).unwrap();
+        // A closing bracket of the wrong kind is refused at every depth, around a word's edges too.
+        for level in [0, 1, 127, 128, 129, 255, 256, 257, 299] {
+            let mut wrong = close.clone();
+            let at = close.len() - 1 - level;
+            wrong[at] = if wrong[at] == '}' { ']' } else { '}' };
+            assert!(check(text(&wrong).as_bytes()).is_err(), "level {level}");
+        }
     }
 
     #[test]

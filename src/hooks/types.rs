@@ -183,8 +183,9 @@ struct Common {
 }
 
 /// Reads the top-level object of a request: the [`Common`] fields, and through `field` the hook's
-/// own, which it reads and returns true for (a field it does not know is skipped). Lenient as Go's
-/// encoding/json: a `null` field reads as the zero value, and a repeated field as its last value.
+/// own, which it reads and returns true for (a field it does not know is skipped). A `null` field
+/// reads as the zero value, as in Go's encoding/json; a repeated field reads as its last value
+/// (Go's merges a repeated object into the first; CAPI, which encodes with it, repeats none).
 fn read_request<'a>(
     body: &'a [u8],
     mut field: impl FnMut(&[u8], &mut Scanner<'a>) -> Result<bool, ReadError>,
@@ -370,8 +371,14 @@ impl<'a> ReadObject<'a> {
         Ok(Some(Self { partial, spec }))
     }
 
-    /// The object with its spec, decoded, in place. A spec whose place a repeated key took away is
-    /// dropped, as decoding the whole object would.
+    /// Its spec, to decode; none when a repeated key took the spec's place away, as decoding the
+    /// whole object would drop it, unread.
+    fn take_spec(&mut self, reads: &'static Reads) -> Option<ReadSpec<'a>> {
+        let spec = self.spec.take()?;
+        object::get(&self.partial, reads.spec_path).map(|_| spec)
+    }
+
+    /// The object with its spec, decoded, in place.
     fn finish(self, reads: &'static Reads, spec: Option<Value>) -> Value {
         let mut value = self.partial;
         if let (Some(spec), Some(placeholder)) =
@@ -397,8 +404,8 @@ fn decode_pair(
             .transpose()
             .map_err(|err| err.context(format!("{side} {name} spec")))
     };
-    let current_spec = current.as_mut().and_then(|object| object.spec.take());
-    let desired_spec = desired.as_mut().and_then(|object| object.spec.take());
+    let current_spec = current.as_mut().and_then(|object| object.take_spec(reads));
+    let desired_spec = desired.as_mut().and_then(|object| object.take_spec(reads));
     let (current_spec, desired_spec) = match (current_spec, desired_spec) {
         (Some(current_spec), Some(desired_spec)) => {
             let (current_spec, desired_spec) =
@@ -444,27 +451,36 @@ fn decode_spec_pair(
                 .map_err(in_context("desired"))?,
         ));
     };
-    let decode = |fields: &[(Cow<[u8]>, Span)], others: &[(Cow<[u8]>, Span)]| {
+    // Fields are matched by name as text, as decoding the whole spec would name them.
+    let named = |fields: SpecFields| -> Vec<(String, Span)> {
+        fields
+            .into_iter()
+            .map(|(key, value)| (key_text(&key).into_owned(), value))
+            .collect()
+    };
+    let (current_fields, desired_fields) = (named(current_fields), named(desired_fields));
+    let decode = |fields: &[(String, Span)], others: &[(String, Span)]| {
         let mut decoded = Map::new();
-        for (key, value) in fields {
-            // A repeated key counts with its last value, as decoding the whole spec would.
-            let other = others.iter().rev().find(|(other_key, _)| other_key == key);
+        for (name, value) in fields {
+            // A repeated name counts with its last value, as decoding the whole spec would.
+            let other = others
+                .iter()
+                .rev()
+                .find(|(other_name, _)| other_name == name);
             let same = other.is_some_and(|(_, other)| scan.text(*other) == scan.text(*value));
             let outline = match unchanged {
                 _ if !same => &Outline::Whole,
-                Outline::Fields(read) => {
-                    match read.iter().find(|(name, _)| name.as_bytes() == &**key) {
-                        Some((_, outline)) => outline,
-                        None => {
-                            decoded.remove(&*key_text(key));
-                            continue;
-                        }
+                Outline::Fields(read) => match read.iter().find(|(read, _)| read == name) {
+                    Some((_, outline)) => outline,
+                    None => {
+                        decoded.remove(name);
+                        continue;
                     }
-                }
+                },
                 _ => &Outline::Whole,
             };
             let value = read_along(&mut Scanner::at(body, *value), outline, &mut None, None)?;
-            decoded.insert(key_text(key).into_owned(), value);
+            decoded.insert(name.clone(), value);
         }
         Ok::<_, ReadError>(Value::Object(decoded))
     };
@@ -1040,6 +1056,22 @@ mod test {
         assert_eq!(current, Some(json!({"spec": {"v": 1}})));
         assert_eq!(desired, Some(json!({"spec": {"v": 2}})));
 
+        // Fields are matched by name as text: names that are not UTF-8 read as U+FFFD, the last
+        // one counting, as decoding the whole spec (and Go's encoding/json) would read them.
+        let request = CanUpdateMachineRequest::read(
+            b"{\"current\": {\"machine\": {\"spec\": {\"version\": \"v1.33.6\", \"\xff\": 1, \"\xfe\": 3}}},
+              \"desired\": {\"machine\": {\"spec\": {\"version\": \"v1.34.2\", \"\xfe\": 3, \"\xff\": 1}}}}",
+        )
+        .unwrap();
+        assert_eq!(
+            request.current.machine,
+            Some(json!({"spec": {"version": "v1.33.6", "\u{fffd}": 3}}))
+        );
+        assert_eq!(
+            request.desired.machine,
+            Some(json!({"spec": {"version": "v1.34.2", "\u{fffd}": 1}}))
+        );
+
         // What differs is decoded strictly, and the error says whose spec it was.
         let error = read_pair(
             r#"{"spec": {"n": 1e400}}"#,
@@ -1088,6 +1120,19 @@ mod test {
         assert!(
             error.starts_with("current machine spec: number out of range at line 1 column 50"),
             "{error}"
+        );
+
+        // A spec whose place a repeated key took away is dropped unread, as decoding the whole
+        // object would drop it: its number out of range is no error.
+        let request = CanUpdateMachineSetRequest::read(
+            br#"{"current": {"machineSet": {"spec": {"template": {"spec": {"x": 1e400}}}, "spec": {}}},
+                "desired": {"machineSet": {"spec": {"template": {"spec": {}}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(request.current.machine_set, Some(json!({"spec": {}})));
+        assert_eq!(
+            request.desired.machine_set,
+            Some(json!({"spec": {"template": {"spec": {}}}}))
         );
 
         // Errors still name the upstream types.
