@@ -265,12 +265,12 @@ pub trait CanUpdateReads {
 }
 
 /// Reads the next value along an outline, noting where its [`Outline::Spec`] is in `spec`. A spec
-/// that repeats `known_spec` is only compared with it.
+/// that repeats the one at `known_spec` is only compared with it.
 fn read_along<'a>(
     scan: &mut Scanner<'a>,
     outline: &'static Outline,
     spec: &mut Option<ReadSpec<'a>>,
-    known_spec: Option<&[u8]>,
+    known_spec: Option<Span>,
 ) -> Result<Value, ReadError> {
     match outline {
         Outline::Whole => scan.decode_value(),
@@ -310,18 +310,30 @@ type SpecFields<'a> = Vec<(Cow<'a, [u8]>, Span)>;
 struct ReadSpec<'a> {
     span: Span,
     fields: Option<SpecFields<'a>>,
+    /// The other side's spec it was only compared with, being the same text.
+    repeats: Option<Span>,
 }
 
 impl<'a> ReadSpec<'a> {
     /// Reads the next value; when it repeats `known` (the other side's spec), only compares it.
-    fn read(scan: &mut Scanner<'a>, known: Option<&[u8]>) -> Result<Self, ReadError> {
-        if let Some(span) = known.and_then(|known| scan.skip_same(known)) {
-            return Ok(Self { span, fields: None });
+    fn read(scan: &mut Scanner<'a>, known: Option<Span>) -> Result<Self, ReadError> {
+        if let Some(known) = known
+            && let Some(span) = scan.skip_same(scan.text(known))
+        {
+            return Ok(Self {
+                span,
+                fields: None,
+                repeats: Some(known),
+            });
         }
         let start = scan.here();
         let Some(mut members) = scan.object() else {
             let span = scan.skip()?;
-            return Ok(Self { span, fields: None });
+            return Ok(Self {
+                span,
+                fields: None,
+                repeats: None,
+            });
         };
         let mut fields = Vec::new();
         while let Some(key) = members.next_key(scan)? {
@@ -330,6 +342,7 @@ impl<'a> ReadSpec<'a> {
         Ok(Self {
             span: scan.span_from(start),
             fields: Some(fields),
+            repeats: None,
         })
     }
 }
@@ -365,7 +378,7 @@ impl<'a> ReadObject<'a> {
         }
         let known_spec = other
             .and_then(|other| other.spec.as_ref())
-            .map(|spec| scan.text(spec.span));
+            .map(|spec| spec.span);
         let mut spec = None;
         let partial = read_along(scan, outline, &mut spec, known_spec)?;
         Ok(Some(Self { partial, spec }))
@@ -435,7 +448,11 @@ fn decode_spec_pair(
     name: &str,
 ) -> Result<(Value, Value), ReadError> {
     let scan = Scanner::at(body, current.span);
-    if scan.text(current.span) == scan.text(desired.span) {
+    // A spec read as a repeat of the very spec on the other side is the same text.
+    let same = desired.repeats == Some(current.span)
+        || current.repeats == Some(desired.span)
+        || scan.text(current.span) == scan.text(desired.span);
+    if same {
         let spec = decode_spec(unchanged, body, current.span)
             .map_err(|err| err.context(format!("current and desired {name} spec")))?;
         return Ok((spec.clone(), spec));
@@ -1121,6 +1138,16 @@ mod test {
             error.starts_with("current machine spec: number out of range at line 1 column 50"),
             "{error}"
         );
+
+        // A spec read as a repeat of the other side's counts as the same only while that side
+        // keeps it: here a repeated `current` replaces it.
+        let request = CanUpdateMachineRequest::read(
+            br#"{"current": {"machine": {"spec": {"a": 1}}}, "desired": {"machine": {"spec": {"a": 1}}},
+                "current": {"machine": {"spec": {"a": 2}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(request.current.machine, Some(json!({"spec": {"a": 2}})));
+        assert_eq!(request.desired.machine, Some(json!({"spec": {"a": 1}})));
 
         // A spec whose place a repeated key took away is dropped unread, as decoding the whole
         // object would drop it: its number out of range is no error.
