@@ -406,16 +406,12 @@ impl Lease {
             let (node, owner, lost) = (node.clone(), owner.clone(), lost.clone());
             tokio::spawn(
                 async move {
-                    loop {
-                        tokio::time::sleep(ttl / 3).await;
-                        if let Err(e) = renew(&node, &owner, ttl).await {
-                            warn!(error = %e, "could not renew the node lease");
-                            if matches!(e, Error::Busy { .. }) {
-                                lost.store(true, Ordering::SeqCst);
-                                return;
-                            }
-                        }
-                    }
+                    keep_renewing(ttl / 3, move || {
+                        let (node, owner) = (node.clone(), owner.clone());
+                        async move { renew(&node, &owner, ttl).await }
+                    })
+                    .await;
+                    lost.store(true, Ordering::SeqCst);
                 }
                 .in_current_span(),
             )
@@ -489,13 +485,37 @@ impl Lease {
     }
 }
 
-/// Extends a lease this process holds, in an exec of its own; [`Error::Busy`] when it no longer
-/// holds it.
+/// Calls `renew` every `period` until it finds the lease lost ([`Error::Busy`]). Each call starts a
+/// period after the previous one started, not after it ended, so that a slow renewal does not
+/// push the next one later: with the renewal's own time bounded by the period, the lease is
+/// extended at least every two periods, within its time of three.
+async fn keep_renewing<F, Fut>(period: Duration, mut renew: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, and the lease was just taken.
+    every.tick().await;
+    loop {
+        every.tick().await;
+        if let Err(e) = renew().await {
+            warn!(error = %e, "could not renew the node lease");
+            if matches!(e, Error::Busy { .. }) {
+                return;
+            }
+        }
+    }
+}
+
+/// Extends a lease this process holds, in an exec of its own that may take a third of the lease's
+/// time (the renewals' period); [`Error::Busy`] when it no longer holds it.
 async fn renew(node: &DockerNode, owner: &str, ttl: Duration) -> Result<()> {
     let renew = under_lease_lock(&journal::LEASE_RENEW)
         .arg(owner)
         .arg(ttl.as_secs().to_string())
-        .timeout(Duration::from_secs(30));
+        .timeout(ttl / 3);
     lease_answer(node, node.exec(renew).await?)
 }
 
@@ -1694,6 +1714,54 @@ fn upgrade_configuration(version: &KubeVersion) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The starts of renewals that each take `takes`, every 10 s over 45 s of paused time, as
+    /// seconds from the start; and whether the renewer stopped by itself. The renewal after
+    /// `busy_after` calls finds the lease taken.
+    async fn renewals(takes: Duration, busy_after: usize) -> (Vec<u64>, bool) {
+        let begin = tokio::time::Instant::now();
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let renewer = keep_renewing(Duration::from_secs(10), || {
+            let starts = Arc::clone(&starts);
+            async move {
+                let calls = {
+                    let mut starts = starts.lock().expect("not poisoned");
+                    starts.push(begin.elapsed().as_secs());
+                    starts.len()
+                };
+                tokio::time::sleep(takes).await;
+                match calls > busy_after {
+                    true => Err(Error::Busy {
+                        holder: "other".into(),
+                    }),
+                    false => Ok(()),
+                }
+            }
+        });
+        let stopped = tokio::time::timeout(Duration::from_secs(45), renewer)
+            .await
+            .is_ok();
+        let starts = starts.lock().expect("not poisoned").clone();
+        (starts, stopped)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_start_a_period_apart_however_long_each_takes() {
+        // A renewal that takes 8 of the 10 s does not push the next one later.
+        assert_eq!(
+            renewals(Duration::from_secs(8), usize::MAX).await,
+            (vec![10, 20, 30, 40], false)
+        );
+        assert_eq!(
+            renewals(Duration::from_millis(50), usize::MAX).await,
+            (vec![10, 20, 30, 40], false)
+        );
+        // One that finds the lease taken stops the renewer.
+        assert_eq!(
+            renewals(Duration::from_millis(50), 2).await,
+            (vec![10, 20, 30], true)
+        );
+    }
 
     #[test]
     fn upgrade_configuration_is_v1beta4() {
