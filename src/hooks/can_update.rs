@@ -228,9 +228,11 @@ const MACHINE_READS: Reads = Reads {
         object_outline!(Outline::Spec),
     ],
     spec_path: MACHINE_SPEC,
-    unchanged_owner: UNCHANGED_SPEC,
-    unchanged_infrastructure: UNCHANGED_INFRASTRUCTURE_SPEC,
-    unchanged_bootstrap: UNCHANGED_SPEC,
+    unchanged: [
+        UNCHANGED_SPEC,
+        UNCHANGED_INFRASTRUCTURE_SPEC,
+        UNCHANGED_SPEC,
+    ],
 };
 
 impl CanUpdateReads for CanUpdateMachineRequest {
@@ -249,9 +251,11 @@ const MACHINE_SET_READS: Reads = Reads {
         object_outline!(TEMPLATE_SPEC),
     ],
     spec_path: MACHINE_SET_SPEC,
-    unchanged_owner: UNCHANGED_SPEC,
-    unchanged_infrastructure: UNCHANGED_INFRASTRUCTURE_SPEC,
-    unchanged_bootstrap: UNCHANGED_SPEC,
+    unchanged: [
+        UNCHANGED_SPEC,
+        UNCHANGED_INFRASTRUCTURE_SPEC,
+        UNCHANGED_SPEC,
+    ],
 };
 
 impl CanUpdateReads for CanUpdateMachineSetRequest {

@@ -257,13 +257,6 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(format!("request body is empty, expected a JSON {expected}"));
     }
-    // serde reads a JSON array as a struct's fields in order, so `[]` would decode as an empty
-    // request; Go's encoding/json (CAPI's own SDK) refuses anything but an object.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(format!(
-            "request body is not a valid {expected}: not a JSON object"
-        ));
-    }
     let request = Request::read(&bytes)
         .map_err(|err| format!("request body is not a valid {expected}: {err}"))?;
     if !request.api_version().is_empty() && request.api_version() != API_VERSION {
@@ -286,37 +279,41 @@ trait CanUpdateAnswer: HookResponse {
     fn message(&self) -> &str;
 }
 
-impl CanUpdateAnswer for CanUpdateMachineResponse {
-    fn patched(&self) -> bool {
-        self.machine_patch.is_some()
-            || self.infrastructure_machine_patch.is_some()
-            || self.bootstrap_config_patch.is_some()
-    }
+/// Implements [`CanUpdateAnswer`] for a CanUpdate response type, given its patch fields.
+macro_rules! can_update_answer {
+    ($response:ty, [$($patch:ident),+ $(,)?]) => {
+        impl CanUpdateAnswer for $response {
+            fn patched(&self) -> bool {
+                $(self.$patch.is_some())||+
+            }
 
-    fn declined(message: String) -> Self {
-        Self::new(ResponseStatus::Success, message)
-    }
+            fn declined(message: String) -> Self {
+                Self::new(ResponseStatus::Success, message)
+            }
 
-    fn message(&self) -> &str {
-        &self.message
-    }
+            fn message(&self) -> &str {
+                &self.message
+            }
+        }
+    };
 }
 
-impl CanUpdateAnswer for CanUpdateMachineSetResponse {
-    fn patched(&self) -> bool {
-        self.machine_set_patch.is_some()
-            || self.infrastructure_machine_template_patch.is_some()
-            || self.bootstrap_config_template_patch.is_some()
-    }
-
-    fn declined(message: String) -> Self {
-        Self::new(ResponseStatus::Success, message)
-    }
-
-    fn message(&self) -> &str {
-        &self.message
-    }
-}
+can_update_answer!(
+    CanUpdateMachineResponse,
+    [
+        machine_patch,
+        infrastructure_machine_patch,
+        bootstrap_config_patch,
+    ]
+);
+can_update_answer!(
+    CanUpdateMachineSetResponse,
+    [
+        machine_set_patch,
+        infrastructure_machine_template_patch,
+        bootstrap_config_template_patch,
+    ]
+);
 
 /// Finishes a CanUpdate `decision` (the answer and its reason label): an in-place answer becomes
 /// a decline when this extension's UpdateMachine would refuse the settings (see

@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::scan::{ReadError, Scanner, Span};
@@ -118,15 +118,6 @@ mod base64_bytes {
     }
 }
 
-/// Reads `null` as the type's default, as Go does for non-pointer fields.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
-}
-
 /// The fields every request shares (`TypeMeta` and `CommonRequest`).
 pub trait HookRequest: Sized {
     const HOOK: Hook;
@@ -162,19 +153,21 @@ macro_rules! request_type_meta {
 }
 
 /// `DiscoveryRequest`: only type meta.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[derive(Debug, Clone, Default)]
 pub struct DiscoveryRequest {
-    #[serde(deserialize_with = "null_as_default")]
     pub api_version: String,
-    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
 }
-request_type_meta!(DiscoveryRequest, Hook::Discovery, |body| Ok(
-    serde_json::from_slice(body)?
-));
+request_type_meta!(DiscoveryRequest, Hook::Discovery, |body| {
+    let common = read_request(body, |_, _| Ok(false))?;
+    Ok(DiscoveryRequest {
+        api_version: common.api_version,
+        kind: common.kind,
+    })
+});
 
-/// The fields of `CommonRequest` and `TypeMeta`, which every hook but Discovery reads alike.
+/// The fields of `TypeMeta` and `CommonRequest`, which every request reads alike (Discovery all
+/// but `settings`).
 #[derive(Debug, Default)]
 struct Common {
     api_version: String,
@@ -240,7 +233,7 @@ pub enum Outline {
 /// pass: of each object only its [`Reads::object`] outline is decoded, and where its spec is, is
 /// noted; the second copy of a spec is only compared with the first, byte for byte. What is the
 /// same text on both sides cannot differ, so of it only what the decision checks of each side
-/// alone is decoded, once (`unchanged_*`): of the whole spec when the two specs are the same text,
+/// alone is decoded, once (`unchanged`): of the whole spec when the two specs are the same text,
 /// else of each of their top-level fields that is; the fields that differ are decoded whole. What
 /// is left out is only checked to be JSON, as Go's encoding/json does with fields it does not know;
 /// no answer depends on it.
@@ -251,12 +244,9 @@ pub struct Reads {
     pub objects: [Outline; 3],
     /// Where [`Outline::Spec`] is in each of `objects`.
     pub spec_path: &'static [&'static str],
-    /// What is read of the owner's (Machine's or MachineSet's) spec when it is unchanged.
-    pub unchanged_owner: Outline,
-    /// What is read of the infrastructure object's spec when it is unchanged.
-    pub unchanged_infrastructure: Outline,
-    /// What is read of the bootstrap config's spec when it is unchanged.
-    pub unchanged_bootstrap: Outline,
+    /// What is read of each object's spec (in the order of `objects`) when it is the same text on
+    /// both sides.
+    pub unchanged: [Outline; 3],
 }
 
 /// A request whose objects are decoded along [`Reads`]; the decision says which.
@@ -359,7 +349,7 @@ fn decode_spec(outline: &'static Outline, body: &[u8], spec: Span) -> Result<Val
 
 /// One object of a CanUpdate request as it was read: its fields along the outline, and where its
 /// spec is.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ReadObject<'a> {
     partial: Value,
     spec: Option<ReadSpec<'a>>,
@@ -567,16 +557,16 @@ fn read_can_update(
         }
         Ok(true)
     })?;
-    let unchanged = [
-        &reads.unchanged_owner,
-        &reads.unchanged_infrastructure,
-        &reads.unchanged_bootstrap,
-    ];
     let (mut current_objects, mut desired_objects) =
         (SideObjects::default(), SideObjects::default());
     for (index, pair) in current.into_iter().zip(desired).enumerate() {
-        (current_objects[index], desired_objects[index]) =
-            decode_pair(reads, body, names[index], pair.into(), unchanged[index])?;
+        (current_objects[index], desired_objects[index]) = decode_pair(
+            reads,
+            body,
+            names[index],
+            pair.into(),
+            &reads.unchanged[index],
+        )?;
     }
     Ok((common, current_objects, desired_objects))
 }
@@ -880,6 +870,7 @@ pub mod object {
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::hooks::scan::NOT_JSON;
     use serde_json::json;
 
     fn body(value: Value) -> Vec<u8> {
@@ -944,12 +935,14 @@ mod test {
     const TEST_READS: Reads = Reads {
         objects: [TEST_OBJECT, TEST_OBJECT, TEST_OBJECT],
         spec_path: &["spec"],
-        unchanged_owner: Outline::Fields(&[]),
-        unchanged_infrastructure: Outline::Fields(&[(
-            "backend",
-            Outline::Fields(&[("docker", Outline::Fields(&[]))]),
-        )]),
-        unchanged_bootstrap: Outline::Whole,
+        unchanged: [
+            Outline::Fields(&[]),
+            Outline::Fields(&[(
+                "backend",
+                Outline::Fields(&[("docker", Outline::Fields(&[]))]),
+            )]),
+            Outline::Whole,
+        ],
     };
 
     impl CanUpdateReads for Test {
@@ -980,7 +973,7 @@ mod test {
 
     #[test]
     fn a_spec_that_is_the_same_text_is_read_to_its_outline() {
-        let nothing = &TEST_READS.unchanged_owner;
+        let nothing = &TEST_READS.unchanged[0];
         let (current, desired) = read_pair(
             r#"{"kind": "A", "status": {"x": 1}, "spec": {"files": [{"path": "/a"}], "n": 1e400}}"#,
             r#"{"kind": "B", "spec": {"files": [{"path": "/a"}], "n": 1e400}}"#,
@@ -990,7 +983,7 @@ mod test {
         assert_eq!(current, Some(json!({"kind": "A", "spec": {}})));
         assert_eq!(desired, Some(json!({"kind": "B", "spec": {}})));
 
-        let backend = &TEST_READS.unchanged_infrastructure;
+        let backend = &TEST_READS.unchanged[1];
         let spec = r#"{"spec": {"backend": {"docker": {"customImage": "x"}, "other": 1}}}"#;
         let (current, desired) = read_pair(spec, spec, backend).unwrap();
         assert_eq!(current, Some(json!({"spec": {"backend": {"docker": {}}}})));
@@ -1028,7 +1021,7 @@ mod test {
 
     #[test]
     fn fields_that_are_the_same_text_on_both_sides_are_read_to_their_outline() {
-        let nothing = &TEST_READS.unchanged_owner;
+        let nothing = &TEST_READS.unchanged[0];
         // Only the fields that differ are decoded; a field that is the same text on both sides is
         // only checked to be JSON, so its number out of range is no error.
         let (current, desired) = read_pair(
@@ -1047,7 +1040,7 @@ mod test {
         );
 
         // A field the same on both sides is read along the unchanged spec's outline.
-        let backend = &TEST_READS.unchanged_infrastructure;
+        let backend = &TEST_READS.unchanged[1];
         let (current, desired) = read_pair(
             r#"{"spec": {"backend": {"docker": {"image": "a"}, "x": 1}, "image": "a"}}"#,
             r#"{"spec": {"backend": {"docker": {"image": "a"}, "x": 1}, "image": "b"}}"#,
@@ -1175,19 +1168,7 @@ mod test {
     #[test]
     fn what_is_not_decoded_is_still_checked_to_be_json() {
         // In a field the decision does not read, and in a spec that is the same on both sides.
-        for bad in [
-            "[1,]",
-            "[1 2]",
-            r#""unterminated"#,
-            r#""\q""#,
-            r#""\u12""#,
-            "\"tab\tinside\"",
-            "1.",
-            "-",
-            "01",
-            "{\"a\" 1}",
-            "nul",
-        ] {
+        for bad in NOT_JSON {
             for body in [
                 format!(r#"{{"current": {{"machine": {{"status": {bad}}}}}}}"#),
                 format!(
