@@ -908,7 +908,7 @@ async fn start_mirror(
 /// Waits until systemd in `node` has finished booting. One blocking `is-system-running --wait`
 /// per attempt instead of a poll every few hundred milliseconds: with tens of nodes booting at
 /// once on a small machine, the polling execs took the CPU the boots needed.
-async fn wait_for_systemd(docker: &Docker, node: &str) -> Result<()> {
+pub async fn wait_for_systemd(docker: &Docker, node: &str) -> Result<()> {
     // A single boot takes about a second; twenty at once on two busy cores took over a minute.
     let timeout = Duration::from_secs(180);
     let start = Instant::now();

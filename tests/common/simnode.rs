@@ -161,6 +161,11 @@ pub async fn run_node(docker: &bollard::Docker, spec: NodeSpec) -> NodeContainer
         )
         .await
         .unwrap();
+    // Booted before it is used: systemd-tmpfiles empties /tmp while it boots, which would take
+    // away files a test had just written there.
+    capd_inplace_e2e::sim::wait_for_systemd(docker, &container.name)
+        .await
+        .unwrap();
     container
 }
 
