@@ -459,13 +459,13 @@ fn literal_end(body: &[u8], at: usize, rest: &[u8]) -> Scanned {
 /// (below `n` with `n` in place of 0x01), and can mark bytes after it, never before. The three
 /// bytes sought are all below 0x80, so one `!word` serves the three tests.
 #[inline(always)]
-fn plain_end(body: &[u8], at: usize) -> usize {
+fn plain_end(body: &[u8], mut at: usize) -> usize {
     const ONES: u64 = u64::MAX / 255;
     const HIGH: u64 = ONES * 0x80;
-    let mut chunks = body[at..].chunks_exact(8);
-    let mut end = at;
-    for chunk in &mut chunks {
-        let word = u64::from_le_bytes(chunk.try_into().expect("chunks of eight bytes"));
+    // An index loop rather than `chunks_exact`: most strings are a few words long, and setting up
+    // the iterator (and its remainder) cost more than searching them.
+    while let Some(chunk) = body.get(at..at + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("a slice of eight bytes"));
         let quote = word ^ (ONES * u64::from(b'"'));
         let backslash = word ^ (ONES * u64::from(b'\\'));
         let marked = (quote.wrapping_sub(ONES)
@@ -474,15 +474,17 @@ fn plain_end(body: &[u8], at: usize) -> usize {
             & !word
             & HIGH;
         if marked != 0 {
-            return end + (marked.trailing_zeros() / 8) as usize;
+            return at + (marked.trailing_zeros() / 8) as usize;
         }
-        end += 8;
+        at += 8;
     }
-    end + chunks
-        .remainder()
-        .iter()
-        .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)
-        .unwrap_or(chunks.remainder().len())
+    while let Some(&byte) = body.get(at) {
+        if byte == b'"' || byte == b'\\' || byte < 0x20 {
+            break;
+        }
+        at += 1;
+    }
+    at
 }
 
 /// Texts that are not JSON, which serde_json refuses too; each also stays invalid wherever a value

@@ -325,7 +325,8 @@ impl<'a> ReadSpec<'a> {
                 repeats: None,
             });
         };
-        let mut fields = Vec::new();
+        // Room for the fields of the specs the hooks read, so that it is allocated once.
+        let mut fields = Vec::with_capacity(8);
         while let Some(key) = members.next_key(scan)? {
             fields.push((key, scan.skip()?));
         }
@@ -458,36 +459,31 @@ fn decode_spec_pair(
                 .map_err(in_context("desired"))?,
         ));
     };
-    // Fields are matched by name as text, as decoding the whole spec would name them.
-    let named = |fields: SpecFields| -> Vec<(String, Span)> {
-        fields
-            .into_iter()
-            .map(|(key, value)| (key_text(&key).into_owned(), value))
-            .collect()
-    };
-    let (current_fields, desired_fields) = (named(current_fields), named(desired_fields));
-    let decode = |fields: &[(String, Span)], others: &[(String, Span)]| {
+    let decode = |fields: &SpecFields, others: &SpecFields| {
         let mut decoded = Map::new();
-        for (name, value) in fields {
+        for (key, value) in fields {
             // A repeated name counts with its last value, as decoding the whole spec would.
             let other = others
                 .iter()
                 .rev()
-                .find(|(other_name, _)| other_name == name);
+                .find(|(other_key, _)| same_name(other_key, key));
             let same = other.is_some_and(|(_, other)| scan.text(*other) == scan.text(*value));
             let outline = match unchanged {
                 _ if !same => &Outline::Whole,
-                Outline::Fields(read) => match read.iter().find(|(read, _)| read == name) {
-                    Some((_, outline)) => outline,
-                    None => {
-                        decoded.remove(name);
-                        continue;
+                // The names read are text, so bytes that are not UTF-8 match none of them.
+                Outline::Fields(read) => {
+                    match read.iter().find(|(read, _)| read.as_bytes() == &**key) {
+                        Some((_, outline)) => outline,
+                        None => {
+                            decoded.remove(&*key_text(key));
+                            continue;
+                        }
                     }
-                },
+                }
                 _ => &Outline::Whole,
             };
             let value = read_along(&mut Scanner::at(body, *value), outline, &mut None, None)?;
-            decoded.insert(name.clone(), value);
+            decoded.insert(key_text(key).into_owned(), value);
         }
         Ok::<_, ReadError>(Value::Object(decoded))
     };
@@ -495,6 +491,12 @@ fn decode_spec_pair(
         decode(&current_fields, &desired_fields).map_err(in_context("current"))?,
         decode(&desired_fields, &current_fields).map_err(in_context("desired"))?,
     ))
+}
+
+/// Whether two keys name the same field, as text (see [`key_text`]): the same bytes always do,
+/// and keys that differ in ASCII alone never do, so only other keys are turned into text.
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a == b || (!(a.is_ascii() && b.is_ascii()) && key_text(a) == key_text(b))
 }
 
 /// A key as text; one that is not UTF-8 with U+FFFD in place of each bad byte, as Go's
