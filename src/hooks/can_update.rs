@@ -37,7 +37,8 @@ use serde_json::{Value, json};
 use super::settings::{CONTROL_PLANE_MAX_MINOR_SKEW, DISABLE_IN_PLACE_UPDATES, Settings};
 use super::types::{
     CanUpdateMachineRequest, CanUpdateMachineResponse, CanUpdateMachineSetRequest,
-    CanUpdateMachineSetResponse, CanUpdateReads, Outline, Patch, Reads, ResponseStatus, object,
+    CanUpdateMachineSetResponse, CanUpdateReads, Outline, Patch, Reads, RequestObject,
+    ResponseStatus, object,
 };
 use crate::version::{self, KubeVersion};
 
@@ -185,30 +186,6 @@ static MACHINE_SET: Shape = Shape {
     max_minors: None,
 };
 
-/// An object's outline: what every check reads (`kind` and the group of `apiVersion`), with the
-/// spec at `$spec`; and, given `metadata` (for the owner, whose name the decision is logged with),
-/// `metadata.name` and `metadata.namespace`.
-macro_rules! object_outline {
-    ($spec:expr) => {
-        Outline::Fields(&[
-            ("apiVersion", Outline::Whole),
-            ("kind", Outline::Whole),
-            ("spec", $spec),
-        ])
-    };
-    ($spec:expr, metadata) => {
-        Outline::Fields(&[
-            ("apiVersion", Outline::Whole),
-            ("kind", Outline::Whole),
-            (
-                "metadata",
-                Outline::Fields(&[("name", Outline::Whole), ("namespace", Outline::Whole)]),
-            ),
-            ("spec", $spec),
-        ])
-    };
-}
-
 /// What [`decide`] reads of an owner's or a bootstrap config's spec that is the same on both
 /// sides: nothing can differ between the two, and nothing is checked of one side alone.
 const UNCHANGED_SPEC: Outline = Outline::Fields(&[]);
@@ -222,11 +199,7 @@ const UNCHANGED_INFRASTRUCTURE_SPEC: Outline = Outline::Fields(&[(
 
 /// What [`decide`] reads of the objects of a CanUpdateMachine request, in step with [`MACHINE`].
 const MACHINE_READS: Reads = Reads {
-    objects: [
-        object_outline!(Outline::Spec, metadata),
-        object_outline!(Outline::Spec),
-        object_outline!(Outline::Spec),
-    ],
+    spec: Outline::Spec,
     spec_path: MACHINE_SPEC,
     unchanged: [
         UNCHANGED_SPEC,
@@ -239,17 +212,14 @@ impl CanUpdateReads for CanUpdateMachineRequest {
     const READS: &'static Reads = &MACHINE_READS;
 }
 
-/// A template's spec, where a MachineSet and the templates it points at keep theirs.
+/// A template's spec, where a MachineSet and the templates it points at keep theirs (in their
+/// `spec`).
 const TEMPLATE_SPEC: Outline =
     Outline::Fields(&[("template", Outline::Fields(&[("spec", Outline::Spec)]))]);
 
 /// As [`MACHINE_READS`], for a CanUpdateMachineSet request, in step with [`MACHINE_SET`].
 const MACHINE_SET_READS: Reads = Reads {
-    objects: [
-        object_outline!(TEMPLATE_SPEC, metadata),
-        object_outline!(TEMPLATE_SPEC),
-        object_outline!(TEMPLATE_SPEC),
-    ],
+    spec: TEMPLATE_SPEC,
     spec_path: MACHINE_SET_SPEC,
     unchanged: [
         UNCHANGED_SPEC,
@@ -265,9 +235,9 @@ impl CanUpdateReads for CanUpdateMachineSetRequest {
 /// One side (current or desired) of a request.
 #[derive(Clone, Copy)]
 struct Objects<'a> {
-    owner: Option<&'a Value>,
-    infrastructure: Option<&'a Value>,
-    bootstrap: Option<&'a Value>,
+    owner: Option<&'a RequestObject>,
+    infrastructure: Option<&'a RequestObject>,
+    bootstrap: Option<&'a RequestObject>,
 }
 
 /// The version change an accepted update makes.
@@ -363,11 +333,11 @@ fn try_decide(
 /// Checks the infrastructure kind and returns the path of its kind image below `spec_path`.
 fn infrastructure_image_path(
     shape: &Shape,
-    current: &Value,
-    desired: &Value,
+    current: &RequestObject,
+    desired: &RequestObject,
 ) -> Result<&'static [&'static str], Decision> {
-    let kind = object::kind(current);
-    if object::kind(desired) != kind || object::api_group(desired) != object::api_group(current) {
+    let kind = current.kind.as_str();
+    if desired.kind.as_str() != kind || desired.api_group() != current.api_group() {
         return Err(Decision::decline(
             "unsupported_object",
             "infrastructure kind changed",
@@ -377,7 +347,7 @@ fn infrastructure_image_path(
         .infrastructure_kinds
         .iter()
         .find(|(supported, _)| *supported == kind)
-        .filter(|_| object::api_group(current) == INFRASTRUCTURE_GROUP)
+        .filter(|_| current.api_group() == INFRASTRUCTURE_GROUP)
         .map(|(_, path)| *path)
         .ok_or_else(|| {
             Decision::decline(
@@ -392,8 +362,9 @@ fn infrastructure_image_path(
     if image_path.len() > 1 {
         let backend = &image_path[..image_path.len() - 1];
         for side in [current, desired] {
-            let docker =
-                object::get(side, shape.spec_path).and_then(|spec| object::get(spec, backend));
+            let docker = side
+                .get(shape.spec_path)
+                .and_then(|spec| object::get(spec, backend));
             if !docker.is_some_and(Value::is_object) {
                 return Err(Decision::decline(
                     "unsupported_object",
@@ -407,15 +378,15 @@ fn infrastructure_image_path(
 
 fn check_bootstrap_kinds(
     shape: &Shape,
-    current: Option<&Value>,
-    desired: Option<&Value>,
+    current: Option<&RequestObject>,
+    desired: Option<&RequestObject>,
 ) -> Result<(), Decision> {
     match (current, desired) {
         (None, None) => Ok(()),
         (Some(current), Some(desired)) => {
             for side in [current, desired] {
-                let kind = object::kind(side);
-                if kind != shape.bootstrap_kind || object::api_group(side) != BOOTSTRAP_GROUP {
+                let kind = side.kind.as_str();
+                if kind != shape.bootstrap_kind || side.api_group() != BOOTSTRAP_GROUP {
                     return Err(Decision::decline(
                         "unsupported_object",
                         format!("bootstrap kind {} is not supported", printable_kind(kind)),
@@ -443,16 +414,15 @@ fn printable_kind(kind: &str) -> &str {
 /// Compares the cleaned owner specs. Only `version` may differ; returns the change and its patch.
 fn owner_version_change(
     shape: &Shape,
-    current: &Value,
-    desired: &Value,
+    current: &RequestObject,
+    desired: &RequestObject,
     max_minors: u64,
 ) -> Result<(Option<VersionChange>, Vec<Value>), Decision> {
     let owner_kind = shape.owner_kind;
     let spec_name = shape.spec_path.join(".");
-    let (Some(current_spec), Some(desired_spec)) = (
-        object::get(current, shape.spec_path),
-        object::get(desired, shape.spec_path),
-    ) else {
+    let (Some(current_spec), Some(desired_spec)) =
+        (current.get(shape.spec_path), desired.get(shape.spec_path))
+    else {
         return Err(Decision::decline(
             "unsupported_object",
             format!("{owner_kind} has no {spec_name}"),
@@ -560,17 +530,16 @@ fn is_zero(value: &Value) -> bool {
 fn infrastructure_changes(
     shape: &Shape,
     image_path: &[&str],
-    current: &Value,
-    desired: &Value,
+    current: &RequestObject,
+    desired: &RequestObject,
     version_change: Option<VersionChange>,
     settings: &Settings,
 ) -> Result<Vec<Value>, Decision> {
-    let kind = object::kind(current);
+    let kind = current.kind.as_str();
     let spec_name = shape.spec_path.join(".");
-    let (Some(current_spec), Some(desired_spec)) = (
-        object::get(current, shape.spec_path),
-        object::get(desired, shape.spec_path),
-    ) else {
+    let (Some(current_spec), Some(desired_spec)) =
+        (current.get(shape.spec_path), desired.get(shape.spec_path))
+    else {
         return Err(Decision::decline(
             "unsupported_object",
             format!("{kind} has no {spec_name}"),
@@ -646,16 +615,15 @@ fn kind_image_tag<'a>(image: &'a str, repositories: &[String]) -> Option<&'a str
 
 fn bootstrap_changes(
     shape: &Shape,
-    current: &Value,
-    desired: &Value,
+    current: &RequestObject,
+    desired: &RequestObject,
     version_change: Option<VersionChange>,
 ) -> Result<Vec<Value>, Decision> {
-    let kind = object::kind(current);
+    let kind = current.kind.as_str();
     let spec_name = shape.spec_path.join(".");
-    let (Some(current_spec), Some(desired_spec)) = (
-        object::get(current, shape.spec_path),
-        object::get(desired, shape.spec_path),
-    ) else {
+    let (Some(current_spec), Some(desired_spec)) =
+        (current.get(shape.spec_path), desired.get(shape.spec_path))
+    else {
         return Err(Decision::decline(
             "unsupported_object",
             format!("{kind} has no {spec_name}"),
@@ -1205,11 +1173,11 @@ mod test {
     }
 
     /// A request's objects as they are without outlines.
-    fn whole(body: &Value, side: &str, key: &str) -> Option<Value> {
+    fn whole(body: &Value, side: &str, key: &str) -> Option<RequestObject> {
         body[side]
             .get(key)
             .filter(|value| !value.is_null())
-            .cloned()
+            .map(RequestObject::from_value)
     }
 
     /// The message of the CanUpdateMachine answer to `body` as served (objects decoded along their
@@ -1444,19 +1412,22 @@ mod test {
 
     #[test]
     fn patches_touch_only_what_changed() {
-        let current_config = kubeadm_config(Some(json!({"ControlPlaneKubeletLocalMode": true})));
+        let object = |value: Value| RequestObject::from_value(&value);
+        let current_config = object(kubeadm_config(Some(
+            json!({"ControlPlaneKubeletLocalMode": true}),
+        )));
         let decision = decide(
             &MACHINE,
             &Default::default(),
             Objects {
-                owner: Some(&machine("v1.33.6")),
-                infrastructure: Some(&docker_machine(Some("kindest/node:v1.33.6"))),
+                owner: Some(&object(machine("v1.33.6"))),
+                infrastructure: Some(&object(docker_machine(Some("kindest/node:v1.33.6")))),
                 bootstrap: Some(&current_config),
             },
             Objects {
-                owner: Some(&machine("v1.34.2")),
-                infrastructure: Some(&docker_machine(Some("kindest/node:v1.34.2"))),
-                bootstrap: Some(&kubeadm_config(None)),
+                owner: Some(&object(machine("v1.34.2"))),
+                infrastructure: Some(&object(docker_machine(Some("kindest/node:v1.34.2")))),
+                bootstrap: Some(&object(kubeadm_config(None))),
             },
         );
         let patches = decision.patches.unwrap();
@@ -1527,14 +1498,9 @@ mod test {
             (&MACHINE_SET_READS, &MACHINE_SET),
         ] {
             // Decoding puts the spec back at `spec_path`, the shape's own constant.
-            for outline in &reads.objects {
-                assert_eq!(
-                    spec_marker(outline).as_deref(),
-                    Some(reads.spec_path),
-                    "{}",
-                    shape.owner_kind
-                );
-            }
+            let mut marker = spec_marker(&reads.spec).expect("a spec to compare");
+            marker.insert(0, "spec");
+            assert_eq!(marker, reads.spec_path, "{}", shape.owner_kind);
         }
     }
 

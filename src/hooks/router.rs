@@ -26,8 +26,8 @@ use super::settings::Settings;
 use super::types::{
     API_VERSION, CanUpdateMachineRequest, CanUpdateMachineResponse, CanUpdateMachineSetRequest,
     CanUpdateMachineSetResponse, DiscoveryRequest, DiscoveryResponse, ExtensionHandler,
-    FailurePolicy, GroupVersionHook, Hook, HookRequest, HookResponse, ResponseStatus,
-    UpdateMachineRequest, object,
+    FailurePolicy, GroupVersionHook, Hook, HookRequest, HookResponse, RequestObject,
+    ResponseStatus, UpdateMachineRequest, object,
 };
 use super::update_machine::UpdateMachineHandler;
 use crate::telemetry::metrics::{HookResult, Metrics, Outcome};
@@ -324,7 +324,7 @@ fn answer_can_update<A: CanUpdateAnswer>(
     state: &AppState,
     hook: Hook,
     settings: &BTreeMap<String, String>,
-    owner: Option<&serde_json::Value>,
+    owner: Option<&RequestObject>,
     (answer, reason): (A, &'static str),
 ) -> A {
     let refusal = answer.patched().then(|| {
@@ -350,7 +350,7 @@ fn log_decision(
     metrics: &Metrics,
     hook: Hook,
     reason: &'static str,
-    owner: Option<&serde_json::Value>,
+    owner: Option<&RequestObject>,
     message: &str,
     patched: bool,
 ) {
@@ -363,7 +363,9 @@ fn log_decision(
     metrics.decision(hook, outcome, reason);
     info!(
         hook = hook.name(),
-        object = owner.map(object::namespaced_name).unwrap_or_default(),
+        object = owner
+            .map(RequestObject::namespaced_name)
+            .unwrap_or_default(),
         patched,
         message,
         "answered"

@@ -2,9 +2,10 @@
 //! (`api/runtime/hooks/v1alpha1/{inplaceupdate,common,discovery}_types.go` in cluster-api).
 //!
 //! Decoding is lenient the way Go's `encoding/json` is: unknown fields are ignored, `null` reads as
-//! the zero value, and every object may be missing. The objects inside requests (Machine, MachineSet,
-//! infrastructure and bootstrap objects) stay arbitrary JSON; [`object`] has the few typed accessors the
-//! policy needs. Responses always carry `apiVersion` and `kind: <Hook>Response`, and
+//! the zero value, and every object may be missing. Of the objects inside CanUpdate requests
+//! (Machine, MachineSet, infrastructure and bootstrap objects) a [`RequestObject`] holds the few
+//! strings the decision reads and the spec, which stays arbitrary JSON; [`object`] has accessors
+//! for such JSON. Responses always carry `apiVersion` and `kind: <Hook>Response`, and
 //! `UpdateMachineResponse` always carries `retryAfterSeconds`, as upstream's `+required` tag says.
 //!
 //! Reading the objects is most of what a hook call costs, so a request is read in one pass with a
@@ -230,8 +231,8 @@ pub enum Outline {
 /// KubeadmControlPlane trims the current and the desired objects the same way and Go encodes equal
 /// values as equal bytes, so on a plain upgrade most specs arrive twice, byte for byte, the
 /// KubeadmConfig's above all (the bulk of the request, with its files). The request is read in one
-/// pass: of each object only its [`Reads::object`] outline is decoded, and where its spec is, is
-/// noted; the second copy of a spec is only compared with the first, byte for byte. What is the
+/// pass: of each object only what a [`RequestObject`] holds is decoded, its `spec` along the
+/// [`Reads::spec`] outline, and where the spec the decision compares is, is noted; the second copy of a spec is only compared with the first, byte for byte. What is the
 /// same text on both sides cannot differ, so of it only what the decision checks of each side
 /// alone is decoded, once (`unchanged`): of the whole spec when the two specs are the same text,
 /// else of each of their top-level fields that is; the fields that differ are decoded whole. What
@@ -239,14 +240,74 @@ pub enum Outline {
 /// no answer depends on it.
 #[derive(Debug)]
 pub struct Reads {
-    /// The objects along these outlines, in the order owner (Machine or MachineSet),
-    /// infrastructure object, bootstrap config; each with [`Outline::Spec`] at `spec_path`.
-    pub objects: [Outline; 3],
-    /// Where [`Outline::Spec`] is in each of `objects`.
+    /// Every object's `spec` field along this outline, with [`Outline::Spec`] where the spec the
+    /// decision compares is.
+    pub spec: Outline,
+    /// Where that spec is in an object: `spec` and the path of [`Outline::Spec`] in `spec`.
     pub spec_path: &'static [&'static str],
-    /// What is read of each object's spec (in the order of `objects`) when it is the same text on
-    /// both sides.
+    /// What is read of each object's spec (in the order owner, infrastructure object, bootstrap
+    /// config) when it is the same text on both sides.
     pub unchanged: [Outline; 3],
+}
+
+impl Reads {
+    /// Where the spec the decision compares is in an object's `spec` field.
+    fn below_spec(&self) -> &'static [&'static str] {
+        self.spec_path.get(1..).unwrap_or_default()
+    }
+}
+
+/// One object of a CanUpdate request (Machine or MachineSet, infrastructure object, bootstrap
+/// config) as the decision reads it: its type, the owner's name, and its `spec`. Typed rather
+/// than a JSON map: these few strings are read of every object of every request, and a map per
+/// object, with its keys, cost more than the decision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestObject {
+    /// `apiVersion`; empty when missing or not a string, as every field below.
+    pub api_version: String,
+    pub kind: String,
+    /// `metadata.name` and `metadata.namespace`: read of the owner only, whose decision is
+    /// logged with them.
+    pub name: String,
+    pub namespace: String,
+    /// `spec`, as far as [`Reads::spec`] has it read; `None` when there is none.
+    pub spec: Option<Value>,
+}
+
+impl RequestObject {
+    /// The object that reading `value` whole gives (one that is not a JSON object has nothing).
+    pub fn from_value(value: &Value) -> Self {
+        let text = |path: &[&str]| object::get_str(value, path).unwrap_or_default().to_owned();
+        Self {
+            api_version: text(&["apiVersion"]),
+            kind: text(&["kind"]),
+            name: text(&["metadata", "name"]),
+            namespace: text(&["metadata", "namespace"]),
+            spec: value.get("spec").cloned(),
+        }
+    }
+
+    /// The API group of `apiVersion` (the part before `/`), or `""`.
+    pub fn api_group(&self) -> &str {
+        self.api_version
+            .split_once('/')
+            .map(|(group, _)| group)
+            .unwrap_or_default()
+    }
+
+    /// The value at `path` (object keys from the object's top, so starting with `spec`), if
+    /// every step exists.
+    pub fn get(&self, path: &[&str]) -> Option<&Value> {
+        match path.split_first() {
+            Some((&"spec", below)) => object::get(self.spec.as_ref()?, below),
+            _ => None,
+        }
+    }
+
+    /// `namespace/name`, for logs.
+    pub fn namespaced_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 /// A request whose objects are decoded along [`Reads`]; the decision says which.
@@ -348,20 +409,22 @@ fn decode_spec(outline: &'static Outline, body: &[u8], spec: Span) -> Result<Val
     read_along(&mut scan, outline, &mut None, None)
 }
 
-/// One object of a CanUpdate request as it was read: its fields along the outline, and where its
-/// spec is.
+/// One object of a CanUpdate request as it was read: what it holds, with a placeholder for the
+/// spec the decision compares, and where that spec is.
 #[derive(Debug)]
 struct ReadObject<'a> {
-    partial: Value,
+    partial: RequestObject,
     spec: Option<ReadSpec<'a>>,
 }
 
 impl<'a> ReadObject<'a> {
-    /// Reads the next value along `outline`, `None` if it is `null`. `other` is the same object of
-    /// the other side, if it was read before.
+    /// Reads the next value as an object along `reads`, `None` if it is `null`; of its metadata
+    /// only with `metadata`. `other` is the same object of the other side, if it was read before.
+    /// A value that is not an object holds nothing; a repeated field reads as its last value.
     fn read(
         scan: &mut Scanner<'a>,
-        outline: &'static Outline,
+        reads: &'static Reads,
+        metadata: bool,
         other: Option<&ReadObject>,
     ) -> Result<Option<Self>, ReadError> {
         if scan.null() {
@@ -370,8 +433,40 @@ impl<'a> ReadObject<'a> {
         let known_spec = other
             .and_then(|other| other.spec.as_ref())
             .map(|spec| spec.span);
+        let mut partial = RequestObject::default();
         let mut spec = None;
-        let partial = read_along(scan, outline, &mut spec, known_spec)?;
+        let Some(mut members) = scan.object() else {
+            scan.skip()?;
+            return Ok(Some(Self { partial, spec }));
+        };
+        while let Some(key) = members.next_key(scan)? {
+            match &*key {
+                b"apiVersion" => partial.api_version = read_text(scan)?,
+                b"kind" => partial.kind = read_text(scan)?,
+                b"metadata" if metadata => {
+                    (partial.name, partial.namespace) = Default::default();
+                    let Some(mut fields) = scan.object() else {
+                        scan.skip()?;
+                        continue;
+                    };
+                    while let Some(key) = fields.next_key(scan)? {
+                        match &*key {
+                            b"name" => partial.name = read_text(scan)?,
+                            b"namespace" => partial.namespace = read_text(scan)?,
+                            _ => {
+                                scan.skip()?;
+                            }
+                        }
+                    }
+                }
+                b"spec" => {
+                    partial.spec = Some(read_along(scan, &reads.spec, &mut spec, known_spec)?);
+                }
+                _ => {
+                    scan.skip()?;
+                }
+            }
+        }
         Ok(Some(Self { partial, spec }))
     }
 
@@ -379,19 +474,29 @@ impl<'a> ReadObject<'a> {
     /// whole object would drop it, unread.
     fn take_spec(&mut self, reads: &'static Reads) -> Option<ReadSpec<'a>> {
         let spec = self.spec.take()?;
-        object::get(&self.partial, reads.spec_path).map(|_| spec)
+        self.partial.get(reads.spec_path).map(|_| spec)
     }
 
     /// The object with its spec, decoded, in place.
-    fn finish(self, reads: &'static Reads, spec: Option<Value>) -> Value {
-        let mut value = self.partial;
-        if let (Some(spec), Some(placeholder)) =
-            (spec, object::get_mut(&mut value, reads.spec_path))
-        {
+    fn finish(self, reads: &'static Reads, spec: Option<Value>) -> RequestObject {
+        let mut object = self.partial;
+        let placeholder = object
+            .spec
+            .as_mut()
+            .and_then(|partial| object::get_mut(partial, reads.below_spec()));
+        if let (Some(spec), Some(placeholder)) = (spec, placeholder) {
             *placeholder = spec;
         }
-        value
+        object
     }
+}
+
+/// Reads the next value as a string: any other value reads as empty, as the decision takes it.
+fn read_text(scan: &mut Scanner) -> Result<String, ReadError> {
+    Ok(match scan.decode_value()? {
+        Value::String(text) => text,
+        _ => String::new(),
+    })
 }
 
 /// Decodes the specs of one current/desired pair of objects (`name` on the wire) and puts them in
@@ -402,7 +507,7 @@ fn decode_pair(
     name: &str,
     [mut current, mut desired]: [Option<ReadObject>; 2],
     unchanged: &'static Outline,
-) -> Result<(Option<Value>, Option<Value>), ReadError> {
+) -> Result<(Option<RequestObject>, Option<RequestObject>), ReadError> {
     let whole = |side: &str, spec: Option<ReadSpec>| {
         spec.map(|spec| Scanner::at(body, spec.span).decode_span(spec.span))
             .transpose()
@@ -527,8 +632,8 @@ fn read_objects<'a>(
     while let Some(key) = members.next_key(scan)? {
         match names.iter().position(|name| name.as_bytes() == &*key) {
             Some(index) => {
-                objects[index] =
-                    ReadObject::read(scan, &reads.objects[index], other[index].as_ref())?;
+                // Only the owner's name is read; its decision is logged with it.
+                objects[index] = ReadObject::read(scan, reads, index == 0, other[index].as_ref())?;
             }
             None => {
                 scan.skip()?;
@@ -539,7 +644,7 @@ fn read_objects<'a>(
 }
 
 /// The objects of one side of a CanUpdate request: owner, infrastructure and bootstrap.
-type SideObjects = [Option<Value>; 3];
+type SideObjects = [Option<RequestObject>; 3];
 
 /// Reads a CanUpdate request, its objects named on the wire as in `names`, into the current and
 /// the desired objects along `reads`.
@@ -613,9 +718,9 @@ macro_rules! can_update_request {
         $(#[$objects_doc])*
         #[derive(Debug, Clone, Default)]
         pub struct $objects {
-            pub $owner: Option<Value>,
-            pub $infrastructure: Option<Value>,
-            pub $bootstrap: Option<Value>,
+            pub $owner: Option<RequestObject>,
+            pub $infrastructure: Option<RequestObject>,
+            pub $bootstrap: Option<RequestObject>,
         }
 
         impl From<SideObjects> for $objects {
@@ -845,20 +950,6 @@ pub mod object {
         get(object, path).and_then(Value::as_str)
     }
 
-    /// `kind`, or `""`.
-    pub fn kind(object: &Value) -> &str {
-        get_str(object, &["kind"]).unwrap_or_default()
-    }
-
-    /// The API group of `apiVersion` (the part before `/`), or `""`.
-    pub fn api_group(object: &Value) -> &str {
-        let api_version = get_str(object, &["apiVersion"]).unwrap_or_default();
-        api_version
-            .split_once('/')
-            .map(|(group, _)| group)
-            .unwrap_or_default()
-    }
-
     /// `metadata.namespace/metadata.name`, for logs.
     pub fn namespaced_name(object: &Value) -> String {
         format!(
@@ -927,15 +1018,12 @@ mod test {
         assert!(nulls.settings.is_empty());
     }
 
-    /// The outlines of a test: one object field, with its spec; nothing read of an unchanged
+    /// The outlines of a test: the spec is the whole `spec` field; nothing read of an unchanged
     /// owner spec, and a DevMachine's backend of an unchanged infrastructure spec.
     struct Test;
 
-    const TEST_OBJECT: Outline =
-        Outline::Fields(&[("kind", Outline::Whole), ("spec", Outline::Spec)]);
-
     const TEST_READS: Reads = Reads {
-        objects: [TEST_OBJECT, TEST_OBJECT, TEST_OBJECT],
+        spec: Outline::Spec,
         spec_path: &["spec"],
         unchanged: [
             Outline::Fields(&[]),
@@ -961,16 +1049,38 @@ mod test {
         let mut scan = Scanner::new(body.as_bytes());
         let mut members = scan.object().unwrap();
         members.next_key(&mut scan)?;
-        let current = ReadObject::read(&mut scan, &TEST_OBJECT, None)?;
+        let current = ReadObject::read(&mut scan, Test::READS, false, None)?;
         members.next_key(&mut scan)?;
-        let desired = ReadObject::read(&mut scan, &TEST_OBJECT, current.as_ref())?;
-        decode_pair(
+        let desired = ReadObject::read(&mut scan, Test::READS, false, current.as_ref())?;
+        let (current, desired) = decode_pair(
             Test::READS,
             body.as_bytes(),
             "test",
             [current, desired],
             unchanged,
-        )
+        )?;
+        Ok((as_json(current), as_json(desired)))
+    }
+
+    /// What was read of an object, as JSON: the texts that are not empty and the spec, if any.
+    fn as_json(object: Option<RequestObject>) -> Option<Value> {
+        object.map(|object| {
+            let mut fields = Map::new();
+            for (name, text) in [
+                ("apiVersion", object.api_version),
+                ("kind", object.kind),
+                ("name", object.name),
+                ("namespace", object.namespace),
+            ] {
+                if !text.is_empty() {
+                    fields.insert(name.to_owned(), Value::String(text));
+                }
+            }
+            if let Some(spec) = object.spec {
+                fields.insert("spec".to_owned(), spec);
+            }
+            Value::Object(fields)
+        })
     }
 
     #[test]
@@ -1076,11 +1186,11 @@ mod test {
         )
         .unwrap();
         assert_eq!(
-            request.current.machine,
+            as_json(request.current.machine.clone()),
             Some(json!({"spec": {"version": "v1.33.6", "\u{fffd}": 3}}))
         );
         assert_eq!(
-            request.desired.machine,
+            as_json(request.desired.machine.clone()),
             Some(json!({"spec": {"version": "v1.34.2", "\u{fffd}": 1}}))
         );
 
@@ -1110,15 +1220,15 @@ mod test {
         let (current, desired) = (&request.current, &request.desired);
         // Of an unchanged object, only the outline of its spec.
         let unchanged = Some(json!({"kind": "KubeadmConfig", "spec": {}}));
-        assert_eq!(current.bootstrap_config, unchanged);
-        assert_eq!(desired.bootstrap_config, unchanged);
+        assert_eq!(as_json(current.bootstrap_config.clone()), unchanged);
+        assert_eq!(as_json(desired.bootstrap_config.clone()), unchanged);
         // Of a changed one, the whole spec.
         assert_eq!(
-            desired.machine,
+            as_json(desired.machine.clone()),
             Some(json!({"spec": {"version": "v1.34.2"}}))
         );
         assert_eq!(
-            current.machine,
+            as_json(current.machine.clone()),
             Some(json!({"spec": {"version": "v1.33.6"}}))
         );
 
@@ -1141,8 +1251,14 @@ mod test {
                 "current": {"machine": {"spec": {"a": 2}}}}"#,
         )
         .unwrap();
-        assert_eq!(request.current.machine, Some(json!({"spec": {"a": 2}})));
-        assert_eq!(request.desired.machine, Some(json!({"spec": {"a": 1}})));
+        assert_eq!(
+            as_json(request.current.machine.clone()),
+            Some(json!({"spec": {"a": 2}}))
+        );
+        assert_eq!(
+            as_json(request.desired.machine.clone()),
+            Some(json!({"spec": {"a": 1}}))
+        );
 
         // A spec whose place a repeated key took away is dropped unread, as decoding the whole
         // object would drop it: its number out of range is no error.
@@ -1151,9 +1267,12 @@ mod test {
                 "desired": {"machineSet": {"spec": {"template": {"spec": {}}}}}}"#,
         )
         .unwrap();
-        assert_eq!(request.current.machine_set, Some(json!({"spec": {}})));
         assert_eq!(
-            request.desired.machine_set,
+            as_json(request.current.machine_set.clone()),
+            Some(json!({"spec": {}}))
+        );
+        assert_eq!(
+            as_json(request.desired.machine_set.clone()),
             Some(json!({"spec": {"template": {"spec": {}}}}))
         );
 
@@ -1289,16 +1408,28 @@ mod test {
             "metadata": {"name": "m", "namespace": "ns"},
             "spec": {"customImage": "kindest/node:v1.34.2"},
         });
-        assert_eq!(object::kind(&machine), "DockerMachine");
-        assert_eq!(
-            object::api_group(&machine),
-            "infrastructure.cluster.x-k8s.io"
-        );
         assert_eq!(
             object::get_str(&machine, &["spec", "customImage"]),
             Some("kindest/node:v1.34.2")
         );
         assert_eq!(object::get_str(&machine, &["spec", "missing"]), None);
         assert_eq!(object::namespaced_name(&machine), "ns/m");
+
+        let read = RequestObject::from_value(&machine);
+        assert_eq!(read.kind, "DockerMachine");
+        assert_eq!(read.api_group(), "infrastructure.cluster.x-k8s.io");
+        assert_eq!(
+            read.get(&["spec", "customImage"]),
+            Some(&json!("kindest/node:v1.34.2"))
+        );
+        assert_eq!(read.get(&["customImage"]), None);
+        assert_eq!(read.namespaced_name(), "ns/m");
+        // What is not a string reads as empty; what is not an object holds nothing.
+        let odd = RequestObject::from_value(&json!({"kind": 5, "apiVersion": "v1"}));
+        assert_eq!((odd.kind.as_str(), odd.api_group()), ("", ""));
+        assert_eq!(
+            RequestObject::from_value(&json!([1])),
+            RequestObject::default()
+        );
     }
 }
