@@ -30,7 +30,7 @@
 //! differences found, so CAPI's own check (apply to current, copy back `spec` or `spec.template.spec`,
 //! clean, compare with desired) ends in a match only when this module saw every difference.
 
-use std::collections::BTreeSet;
+use std::cmp::Ordering;
 
 use serde_json::{Value, json};
 
@@ -151,6 +151,8 @@ struct Shape {
     owner_kind: &'static str,
     /// The part of every object CAPI copies back and compares.
     spec_path: &'static [&'static str],
+    /// `spec_path` as messages name it.
+    spec_name: &'static str,
     /// Accepted infrastructure kinds, with the path of the kind image below `spec_path`.
     infrastructure_kinds: [(&'static str, &'static [&'static str]); 2],
     bootstrap_kind: &'static str,
@@ -167,6 +169,7 @@ const MACHINE_SET_SPEC: &[&str] = &["spec", "template", "spec"];
 static MACHINE: Shape = Shape {
     owner_kind: "Machine",
     spec_path: MACHINE_SPEC,
+    spec_name: "spec",
     infrastructure_kinds: [
         ("DockerMachine", DOCKER_IMAGE),
         ("DevMachine", DEV_DOCKER_IMAGE),
@@ -178,6 +181,7 @@ static MACHINE: Shape = Shape {
 static MACHINE_SET: Shape = Shape {
     owner_kind: "MachineSet",
     spec_path: MACHINE_SET_SPEC,
+    spec_name: "spec.template.spec",
     infrastructure_kinds: [
         ("DockerMachineTemplate", DOCKER_IMAGE),
         ("DevMachineTemplate", DEV_DOCKER_IMAGE),
@@ -419,7 +423,7 @@ fn owner_version_change(
     max_minors: u64,
 ) -> Result<(Option<VersionChange>, Vec<Value>), Decision> {
     let owner_kind = shape.owner_kind;
-    let spec_name = shape.spec_path.join(".");
+    let spec_name = shape.spec_name;
     let (Some(current_spec), Some(desired_spec)) =
         (current.get(shape.spec_path), desired.get(shape.spec_path))
     else {
@@ -536,7 +540,7 @@ fn infrastructure_changes(
     settings: &Settings,
 ) -> Result<Vec<Value>, Decision> {
     let kind = current.kind.as_str();
-    let spec_name = shape.spec_path.join(".");
+    let spec_name = shape.spec_name;
     let (Some(current_spec), Some(desired_spec)) =
         (current.get(shape.spec_path), desired.get(shape.spec_path))
     else {
@@ -545,7 +549,8 @@ fn infrastructure_changes(
             format!("{kind} has no {spec_name}"),
         ));
     };
-    let image_name = format!("{kind} {spec_name}.{}", image_path.join("."));
+    // Only for the messages of declines.
+    let image_name = || format!("{kind} {spec_name}.{}", image_path.join("."));
     let mut operations = Vec::new();
     for difference in differences(current_spec, desired_spec) {
         if difference.path != image_path {
@@ -557,7 +562,10 @@ fn infrastructure_changes(
         let Some(change) = version_change else {
             return Err(Decision::decline(
                 "not_version_change",
-                format!("{image_name} changed without a Kubernetes version change"),
+                format!(
+                    "{} changed without a Kubernetes version change",
+                    image_name()
+                ),
             ));
         };
         let current_image = difference
@@ -570,7 +578,7 @@ fn infrastructure_changes(
         {
             return Err(Decision::decline(
                 "unrelated_image",
-                format!("current {image_name} is not a kind node image"),
+                format!("current {} is not a kind node image", image_name()),
             ));
         }
         let desired_tag = difference
@@ -581,7 +589,8 @@ fn infrastructure_changes(
             return Err(Decision::decline(
                 "unrelated_image",
                 format!(
-                    "desired {image_name} is not a kind node image for {}",
+                    "desired {} is not a kind node image for {}",
+                    image_name(),
                     change.to
                 ),
             ));
@@ -620,7 +629,7 @@ fn bootstrap_changes(
     version_change: Option<VersionChange>,
 ) -> Result<Vec<Value>, Decision> {
     let kind = current.kind.as_str();
-    let spec_name = shape.spec_path.join(".");
+    let spec_name = shape.spec_name;
     let (Some(current_spec), Some(desired_spec)) =
         (current.get(shape.spec_path), desired.get(shape.spec_path))
     else {
@@ -706,12 +715,22 @@ fn collect_differences<'a>(
     if let (Some(Value::Object(current_fields)), Some(Value::Object(desired_fields))) =
         (current, desired)
     {
-        let keys: BTreeSet<&'a str> = current_fields
-            .keys()
-            .chain(desired_fields.keys())
-            .map(String::as_str)
-            .collect();
-        for key in keys {
+        // serde_json's maps keep their keys in order (its `preserve_order` feature is off, as
+        // `maps_are_sorted_by_key` checks), so the union of the two is a merge.
+        let mut current_keys = current_fields.keys().peekable();
+        let mut desired_keys = desired_fields.keys().peekable();
+        while let Some(key) = match (current_keys.peek(), desired_keys.peek()) {
+            (Some(current_key), Some(desired_key)) => match current_key.cmp(desired_key) {
+                Ordering::Less => current_keys.next(),
+                Ordering::Greater => desired_keys.next(),
+                Ordering::Equal => {
+                    desired_keys.next();
+                    current_keys.next()
+                }
+            },
+            (Some(_), None) => current_keys.next(),
+            (None, _) => desired_keys.next(),
+        } {
             path.push(key);
             collect_differences(
                 current_fields.get(key),
@@ -1501,7 +1520,36 @@ mod test {
             let mut marker = spec_marker(&reads.spec).expect("a spec to compare");
             marker.insert(0, "spec");
             assert_eq!(marker, reads.spec_path, "{}", shape.owner_kind);
+            assert_eq!(shape.spec_path, reads.spec_path);
+            assert_eq!(shape.spec_name, shape.spec_path.join("."));
         }
+    }
+
+    #[test]
+    fn maps_are_sorted_by_key() {
+        let map: serde_json::Map<String, Value> = [("b", 1), ("c", 2), ("a", 3)]
+            .map(|(key, value)| (key.to_owned(), value.into()))
+            .into_iter()
+            .collect();
+        assert!(map.keys().is_sorted());
+        // The differences come in key order, whichever side a key is on.
+        let current = json!({"b": 1, "d": 1, "e": {"x": 1}});
+        let desired = json!({"a": 1, "b": 2, "c": 1, "e": {"x": 2, "y": 1}});
+        let paths: Vec<Vec<&str>> = differences(&current, &desired)
+            .into_iter()
+            .map(|difference| difference.path)
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                vec!["a"],
+                vec!["b"],
+                vec!["c"],
+                vec!["d"],
+                vec!["e", "x"],
+                vec!["e", "y"]
+            ]
+        );
     }
 
     #[test]
