@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, post};
+use serde::Serialize;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{info, info_span, warn};
@@ -230,7 +232,7 @@ async fn serve<Request, Response, Answer, Fut>(
     metrics: Metrics,
     body: Body,
     answer: Answer,
-) -> Json<Response>
+) -> JsonAnswer<Response>
 where
     Request: HookRequest,
     Response: HookResponse,
@@ -238,11 +240,29 @@ where
     Fut: Future<Output = Response>,
 {
     match decode::<Request>(body).await {
-        Ok(request) => Json(answer(request).await),
+        Ok(request) => JsonAnswer(answer(request).await),
         Err(message) => {
             warn!(hook = Request::HOOK.name(), message, "rejected request");
             metrics.hook_request(Request::HOOK, HookResult::Failure);
-            Json(Response::failure(message))
+            JsonAnswer(Response::failure(message))
+        }
+    }
+}
+
+/// Room for a CanUpdate answer with its patches (about 600 bytes), so that writing one does not
+/// grow the buffer on the way (axum's `Json` starts at 128 bytes).
+const ANSWER_CAPACITY: usize = 1024;
+
+/// A hook's answer as a JSON body, as axum's `Json` sends it.
+struct JsonAnswer<T>(T);
+
+impl<T: Serialize> IntoResponse for JsonAnswer<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut body = Vec::with_capacity(ANSWER_CAPACITY);
+        match serde_json::to_writer(&mut body, &self.0) {
+            Ok(()) => ([(CONTENT_TYPE, "application/json")], body).into_response(),
+            // Not expected: every answer is a struct of strings, numbers and lists.
+            Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
         }
     }
 }
@@ -410,6 +430,10 @@ mod test {
             .await
             .unwrap();
         let status = response.status();
+        if status == StatusCode::OK {
+            // Every answer is JSON, and says so.
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        }
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
             .unwrap();
