@@ -41,20 +41,35 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(25);
 /// The timeout each handler asks CAPI to use (CAPI's default; the maximum is 30).
 pub const HANDLER_TIMEOUT_SECONDS: i32 = 10;
 
-/// Shared state of the hook handlers. Cheap to clone.
+/// Shared state of the hook handlers. Cheap to clone: axum clones it for every request, so it is
+/// one reference count, not one per part (both worker threads touch it on every call).
 #[derive(Clone)]
 pub struct AppState {
-    pub update_machine: Arc<dyn UpdateMachineHandler>,
-    pub metrics: Metrics,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    update_machine: Arc<dyn UpdateMachineHandler>,
+    metrics: Metrics,
 }
 
 impl AppState {
     /// State with the given UpdateMachine implementation.
     pub fn new(update_machine: Arc<dyn UpdateMachineHandler>, metrics: Metrics) -> Self {
         Self {
-            update_machine,
-            metrics,
+            shared: Arc::new(Shared {
+                update_machine,
+                metrics,
+            }),
         }
+    }
+
+    fn update_machine(&self) -> &dyn UpdateMachineHandler {
+        &*self.shared.update_machine
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 }
 
@@ -71,13 +86,14 @@ fn handlers() -> Vec<Handler> {
         Handler {
             hook: Hook::CanUpdateMachine,
             name: "can-update-machine",
-            route: post(|State(state): State<AppState>, body: Body| {
+            route: post(|State(state): State<AppState>, body: Body| async move {
+                let state = &state;
                 serve(
-                    state.metrics.clone(),
+                    state.metrics(),
                     body,
                     move |request: CanUpdateMachineRequest| async move {
                         answer_can_update(
-                            &state,
+                            state,
                             Hook::CanUpdateMachine,
                             &request.settings,
                             request.current.machine.as_ref(),
@@ -85,18 +101,20 @@ fn handlers() -> Vec<Handler> {
                         )
                     },
                 )
+                .await
             }),
         },
         Handler {
             hook: Hook::CanUpdateMachineSet,
             name: "can-update-machineset",
-            route: post(|State(state): State<AppState>, body: Body| {
+            route: post(|State(state): State<AppState>, body: Body| async move {
+                let state = &state;
                 serve(
-                    state.metrics.clone(),
+                    state.metrics(),
                     body,
                     move |request: CanUpdateMachineSetRequest| async move {
                         answer_can_update(
-                            &state,
+                            state,
                             Hook::CanUpdateMachineSet,
                             &request.settings,
                             request.current.machine_set.as_ref(),
@@ -104,14 +122,16 @@ fn handlers() -> Vec<Handler> {
                         )
                     },
                 )
+                .await
             }),
         },
         Handler {
             hook: Hook::UpdateMachine,
             name: "update-machine",
-            route: post(|State(state): State<AppState>, body: Body| {
+            route: post(|State(state): State<AppState>, body: Body| async move {
+                let state = &state;
                 serve(
-                    state.metrics.clone(),
+                    state.metrics(),
                     body,
                     move |request: UpdateMachineRequest| async move {
                         // Only for the log line, so not built when the log level is above info.
@@ -125,8 +145,8 @@ fn handlers() -> Vec<Handler> {
                             })
                             .flatten()
                             .unwrap_or_default();
-                        let response = state.update_machine.update_machine(request).await;
-                        state.metrics.hook_request(
+                        let response = state.update_machine().update_machine(request).await;
+                        state.metrics().hook_request(
                             Hook::UpdateMachine,
                             match (response.status, response.retry_after_seconds) {
                                 (ResponseStatus::Failure, _) => HookResult::Failure,
@@ -145,6 +165,7 @@ fn handlers() -> Vec<Handler> {
                         response
                     },
                 )
+                .await
             }),
         },
     ]
@@ -196,16 +217,20 @@ pub fn router(state: AppState, path_prefix: &str) -> Router {
         &hook_path(path_prefix, Hook::Discovery, None),
         post(move |State(state): State<AppState>, body: Body| {
             let discovery = Arc::clone(&discovery);
-            serve(
-                state.metrics.clone(),
-                body,
-                move |_: DiscoveryRequest| async move {
-                    state
-                        .metrics
-                        .hook_request(Hook::Discovery, HookResult::Success);
-                    DiscoveryResponse::clone(&discovery)
-                },
-            )
+            async move {
+                let state = &state;
+                serve(
+                    state.metrics(),
+                    body,
+                    move |_: DiscoveryRequest| async move {
+                        state
+                            .metrics()
+                            .hook_request(Hook::Discovery, HookResult::Success);
+                        DiscoveryResponse::clone(&discovery)
+                    },
+                )
+                .await
+            }
         }),
     );
     for handler in handlers {
@@ -229,7 +254,7 @@ pub fn router(state: AppState, path_prefix: &str) -> Router {
 
 /// Reads, decodes and checks the body, then answers with `answer`, or with a `Failure` saying why not.
 async fn serve<Request, Response, Answer, Fut>(
-    metrics: Metrics,
+    metrics: &Metrics,
     body: Body,
     answer: Answer,
 ) -> JsonAnswer<Response>
@@ -349,14 +374,14 @@ fn answer_can_update<A: CanUpdateAnswer>(
 ) -> A {
     let refusal = answer.patched().then(|| {
         let settings = Settings::from_map(settings).ok()?;
-        state.update_machine.refuses(&settings)
+        state.update_machine().refuses(&settings)
     });
     let (answer, reason) = match refusal.flatten() {
         Some(message) => (A::declined(message), "settings"),
         None => (answer, reason),
     };
     log_decision(
-        &state.metrics,
+        state.metrics(),
         hook,
         reason,
         owner,
