@@ -97,13 +97,15 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Passes over the next value if the body goes on with `known`, an object checked before (as
-    /// the current side's spec is when the desired side repeats it), comparing bytes only. An
-    /// object ends at its own closing brace, so the same bytes are the same value; this does not
-    /// hold of a number (`1` is the start of `12`), so anything else is never passed over here.
+    /// Passes over the next value if the body goes on with `known`, an object, array or string
+    /// checked before (as the current side's spec is when the desired side repeats it), comparing
+    /// bytes only. Such a value ends at its own closing brace, bracket or quote, so the same bytes
+    /// are the same value; this does not hold of a number (`1` is the start of `12`), so nothing
+    /// else is ever passed over here.
     pub fn skip_same(&mut self, known: &[u8]) -> Option<Span> {
         self.skip_whitespace();
-        let same = known.first() == Some(&b'{') && self.body[self.at..].starts_with(known);
+        let same = matches!(known.first(), Some(b'{' | b'[' | b'"'))
+            && self.body[self.at..].starts_with(known);
         same.then(|| {
             let start = self.at;
             self.at += known.len();
@@ -684,5 +686,13 @@ mod tests {
         // Nor is a number: `1` is the start of `12`.
         scan.at += 1;
         assert_eq!(scan.skip_same(b"1"), None);
+
+        // Arrays and strings end at their own bracket and quote, as objects at their brace.
+        for known in [&b"[1, [2]]"[..], br#""a\"b""#] {
+            let body = [known, b" , 5"].concat();
+            let mut scan = Scanner::new(&body);
+            let same = scan.skip_same(known).unwrap();
+            assert_eq!(scan.text(same), known);
+        }
     }
 }

@@ -266,8 +266,8 @@ pub struct RequestObject {
     /// `apiVersion`; empty when missing or not a string, as every field below.
     pub api_version: String,
     pub kind: String,
-    /// `metadata.name` and `metadata.namespace`: read of the owner only, whose decision is
-    /// logged with them.
+    /// `metadata.name` and `metadata.namespace`: read of the current owner only, whose decision
+    /// is logged with them.
     pub name: String,
     pub namespace: String,
     /// `spec`, as far as [`Reads::spec`] has it read; `None` when there is none.
@@ -315,13 +315,13 @@ pub trait CanUpdateReads {
     const READS: &'static Reads;
 }
 
-/// Reads the next value along an outline, noting where its [`Outline::Spec`] is in `spec`. A spec
-/// that repeats the one at `known_spec` is only compared with it.
+/// Reads the next value along an outline, noting where its [`Outline::Spec`] is in `spec`. What
+/// repeats `known_spec` (the other side's spec, if read before) is only compared with it.
 fn read_along<'a>(
     scan: &mut Scanner<'a>,
     outline: &'static Outline,
     spec: &mut Option<ReadSpec<'a>>,
-    known_spec: Option<Span>,
+    known_spec: Option<&ReadSpec>,
 ) -> Result<Value, ReadError> {
     match outline {
         Outline::Whole => scan.decode_value(),
@@ -366,17 +366,19 @@ struct ReadSpec<'a> {
 }
 
 impl<'a> ReadSpec<'a> {
-    /// Reads the next value; when it repeats `known` (the other side's spec), only compares it.
-    fn read(scan: &mut Scanner<'a>, known: Option<Span>) -> Result<Self, ReadError> {
+    /// Reads the next value; when it repeats `known` (the other side's spec), only compares it,
+    /// and of an object that does not, each field that repeats the field of that name in `known`.
+    fn read(scan: &mut Scanner<'a>, known: Option<&ReadSpec>) -> Result<Self, ReadError> {
         if let Some(known) = known
-            && let Some(span) = scan.skip_same(scan.text(known))
+            && let Some(span) = scan.skip_same(scan.text(known.span))
         {
             return Ok(Self {
                 span,
                 fields: None,
-                repeats: Some(known),
+                repeats: Some(known.span),
             });
         }
+        let known_fields = known.and_then(|known| known.fields.as_deref());
         let start = scan.here();
         let Some(mut members) = scan.object() else {
             let span = scan.skip()?;
@@ -389,7 +391,15 @@ impl<'a> ReadSpec<'a> {
         // Room for the fields of the specs the hooks read, so that it is allocated once.
         let mut fields = Vec::with_capacity(8);
         while let Some(key) = members.next_key(scan)? {
-            fields.push((key, scan.skip()?));
+            // On an upgrade most fields of a spec that differs are the same on both sides.
+            let same = known_fields
+                .and_then(|known| known.iter().rev().find(|(known_key, _)| *known_key == key))
+                .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
+            let value = match same {
+                Some(span) => span,
+                None => scan.skip()?,
+            };
+            fields.push((key, value));
         }
         Ok(Self {
             span: scan.span_from(start),
@@ -415,6 +425,9 @@ fn decode_spec(outline: &'static Outline, body: &[u8], spec: Span) -> Result<Val
 struct ReadObject<'a> {
     partial: RequestObject,
     spec: Option<ReadSpec<'a>>,
+    /// The fields only checked, each key (unescaped) and where its value is, so that the other
+    /// side's may be compared with them (metadata and status are mostly the same on both sides).
+    checked: Vec<(Cow<'a, [u8]>, Span)>,
 }
 
 impl<'a> ReadObject<'a> {
@@ -430,14 +443,17 @@ impl<'a> ReadObject<'a> {
         if scan.null() {
             return Ok(None);
         }
-        let known_spec = other
-            .and_then(|other| other.spec.as_ref())
-            .map(|spec| spec.span);
+        let known_spec = other.and_then(|other| other.spec.as_ref());
         let mut partial = RequestObject::default();
         let mut spec = None;
+        let mut checked = Vec::new();
         let Some(mut members) = scan.object() else {
             scan.skip()?;
-            return Ok(Some(Self { partial, spec }));
+            return Ok(Some(Self {
+                partial,
+                spec,
+                checked,
+            }));
         };
         while let Some(key) = members.next_key(scan)? {
             match &*key {
@@ -463,11 +479,24 @@ impl<'a> ReadObject<'a> {
                     partial.spec = Some(read_along(scan, &reads.spec, &mut spec, known_spec)?);
                 }
                 _ => {
-                    scan.skip()?;
+                    let same = other
+                        .and_then(|other| {
+                            other.checked.iter().rev().find(|(known, _)| *known == key)
+                        })
+                        .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
+                    let value = match same {
+                        Some(span) => span,
+                        None => scan.skip()?,
+                    };
+                    checked.push((key, value));
                 }
             }
         }
-        Ok(Some(Self { partial, spec }))
+        Ok(Some(Self {
+            partial,
+            spec,
+            checked,
+        }))
     }
 
     /// Its spec, to decode; none when a repeated key took the spec's place away, as decoding the
@@ -620,6 +649,7 @@ fn read_objects<'a>(
     reads: &'static Reads,
     names: [&str; 3],
     expecting: &str,
+    current: bool,
     other: &[Option<ReadObject>; 3],
 ) -> Result<[Option<ReadObject<'a>>; 3], ReadError> {
     let mut objects = <[Option<ReadObject>; 3]>::default();
@@ -632,8 +662,9 @@ fn read_objects<'a>(
     while let Some(key) = members.next_key(scan)? {
         match names.iter().position(|name| name.as_bytes() == &*key) {
             Some(index) => {
-                // Only the owner's name is read; its decision is logged with it.
-                objects[index] = ReadObject::read(scan, reads, index == 0, other[index].as_ref())?;
+                // Only the current owner's name is read; its decision is logged with it.
+                let metadata = current && index == 0;
+                objects[index] = ReadObject::read(scan, reads, metadata, other[index].as_ref())?;
             }
             None => {
                 scan.skip()?;
@@ -658,8 +689,8 @@ fn read_can_update(
     let mut desired = Default::default();
     let common = read_request(body, |key, scan| {
         match key {
-            b"current" => current = read_objects(scan, reads, names, expecting, &desired)?,
-            b"desired" => desired = read_objects(scan, reads, names, expecting, &current)?,
+            b"current" => current = read_objects(scan, reads, names, expecting, true, &desired)?,
+            b"desired" => desired = read_objects(scan, reads, names, expecting, false, &current)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1206,6 +1237,49 @@ mod test {
             error.starts_with("current test spec: number out of range"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn fields_repeating_the_other_side_are_compared_and_still_checked() {
+        let nothing = &TEST_READS.unchanged[0];
+        // The fields the same as the other side's are passed over by comparison; a number is
+        // never taken for the start of another (`1` of `12`), and the rest is still decoded.
+        let (current, desired) = read_pair(
+            r#"{"spec": {"files": [{"path": "/a"}], "n": 1, "s": "x", "v": "a"}}"#,
+            r#"{"spec": {"files": [{"path": "/a"}], "n": 12, "s": "x", "v": "b"}}"#,
+            nothing,
+        )
+        .unwrap();
+        assert_eq!(current, Some(json!({"spec": {"n": 1, "v": "a"}})));
+        assert_eq!(desired, Some(json!({"spec": {"n": 12, "v": "b"}})));
+        // What follows a repeated field is still checked.
+        for bad in [
+            r#"{"spec": {"s": "x"y, "v": "b"}}"#,
+            r#"{"spec": {"files": [{"path": "/a"}]], "v": "b"}}"#,
+        ] {
+            let refused = read_pair(
+                r#"{"spec": {"files": [{"path": "/a"}], "s": "x", "v": "a"}}"#,
+                bad,
+                nothing,
+            );
+            assert!(refused.is_err(), "{bad}");
+        }
+        // So are the fields of an object that are only checked: metadata, status.
+        let request = |desired: &str| {
+            let body = format!(
+                r#"{{"current": {{"bootstrapConfig": {{"metadata": {{"labels": {{"a": "b"}}}}, "status": [1]}}}},
+                    "desired": {{"bootstrapConfig": {desired}}}}}"#
+            );
+            CanUpdateMachineRequest::read(body.as_bytes()).map(|_| ())
+        };
+        request(r#"{"metadata": {"labels": {"a": "b"}}, "status": [1, 2]}"#).unwrap();
+        request(r#"{"metadata": {"labels": {"a": "c"}}, "status": [1]}"#).unwrap();
+        for bad in [
+            r#"{"metadata": {"labels": {"a": "b"}}}}"#,
+            r#"{"status": [1]]}"#,
+        ] {
+            assert!(request(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
