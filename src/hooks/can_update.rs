@@ -32,7 +32,8 @@
 
 use std::cmp::Ordering;
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::settings::{CONTROL_PLANE_MAX_MINOR_SKEW, DISABLE_IN_PLACE_UPDATES, Settings};
 use super::types::{
@@ -67,11 +68,23 @@ pub struct Decision {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Patches {
     /// Machine or MachineSet.
-    pub owner: Vec<Value>,
+    pub owner: Vec<Operation>,
     /// Infrastructure machine or template.
-    pub infrastructure: Vec<Value>,
+    pub infrastructure: Vec<Operation>,
     /// Bootstrap config or template.
-    pub bootstrap: Vec<Value>,
+    pub bootstrap: Vec<Operation>,
+}
+
+/// One JSON Patch (RFC 6902) operation: `add`, `remove` or `replace`. A struct rather than a JSON
+/// map, so that building and writing one allocates little.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Operation {
+    pub op: &'static str,
+    /// A JSON pointer (RFC 6901) on the whole object.
+    pub path: String,
+    /// The new value; none for `remove`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
 }
 
 impl Decision {
@@ -142,7 +155,7 @@ pub fn can_update_machine_set(
     (response, decision.reason)
 }
 
-fn to_patch(operations: &[Value]) -> Option<Patch> {
+fn to_patch(operations: &[Operation]) -> Option<Patch> {
     (!operations.is_empty()).then(|| Patch::json_patch(operations))
 }
 
@@ -421,7 +434,7 @@ fn owner_version_change(
     current: &RequestObject,
     desired: &RequestObject,
     max_minors: u64,
-) -> Result<(Option<VersionChange>, Vec<Value>), Decision> {
+) -> Result<(Option<VersionChange>, Vec<Operation>), Decision> {
     let owner_kind = shape.owner_kind;
     let spec_name = shape.spec_name;
     let (Some(current_spec), Some(desired_spec)) =
@@ -473,7 +486,11 @@ fn owner_version_change(
     })?;
     let mut path: Vec<&str> = shape.spec_path.to_vec();
     path.push("version");
-    let operation = json!({"op": "replace", "path": json_pointer(&path), "value": to.to_string()});
+    let operation = Operation {
+        op: "replace",
+        path: json_pointer(&path),
+        value: Some(Value::String(to.to_string())),
+    };
     Ok((Some(VersionChange { from, to }), vec![operation]))
 }
 
@@ -538,7 +555,7 @@ fn infrastructure_changes(
     desired: &RequestObject,
     version_change: Option<VersionChange>,
     settings: &Settings,
-) -> Result<Vec<Value>, Decision> {
+) -> Result<Vec<Operation>, Decision> {
     let kind = current.kind.as_str();
     let spec_name = shape.spec_name;
     let (Some(current_spec), Some(desired_spec)) =
@@ -627,7 +644,7 @@ fn bootstrap_changes(
     current: &RequestObject,
     desired: &RequestObject,
     version_change: Option<VersionChange>,
-) -> Result<Vec<Value>, Decision> {
+) -> Result<Vec<Operation>, Decision> {
     let kind = current.kind.as_str();
     let spec_name = shape.spec_name;
     let (Some(current_spec), Some(desired_spec)) =
@@ -750,15 +767,17 @@ fn collect_differences<'a>(
 }
 
 /// The JSON Patch operation that turns the current side of `difference` into the desired side.
-fn operation(spec_path: &[&str], difference: &Difference<'_>) -> Value {
+fn operation(spec_path: &[&str], difference: &Difference<'_>) -> Operation {
     let mut path: Vec<&str> = spec_path.to_vec();
     path.extend_from_slice(&difference.path);
-    let pointer = json_pointer(&path);
-    match (difference.current, difference.desired) {
-        (None, Some(value)) => json!({"op": "add", "path": pointer, "value": value}),
-        (Some(_), None) => json!({"op": "remove", "path": pointer}),
-        (_, value) => json!({"op": "replace", "path": pointer, "value": value}),
-    }
+    let path = json_pointer(&path);
+    let (op, value) = match (difference.current, difference.desired) {
+        (None, Some(value)) => ("add", Some(value.clone())),
+        (Some(_), None) => ("remove", None),
+        // Both sides present.
+        (_, value) => ("replace", Some(value.cloned().unwrap_or(Value::Null))),
+    };
+    Operation { op, path, value }
 }
 
 /// RFC 6901 pointer from object keys.
@@ -1450,19 +1469,18 @@ mod test {
             },
         );
         let patches = decision.patches.unwrap();
+        let json = |operations: &[Operation]| serde_json::to_value(operations).unwrap();
         assert_eq!(
-            patches.owner,
-            [json!({"op": "replace", "path": "/spec/version", "value": "v1.34.2"})]
+            json(&patches.owner),
+            json!([{"op": "replace", "path": "/spec/version", "value": "v1.34.2"}])
         );
         assert_eq!(
-            patches.infrastructure,
-            [
-                json!({"op": "replace", "path": "/spec/customImage", "value": "kindest/node:v1.34.2"})
-            ]
+            json(&patches.infrastructure),
+            json!([{"op": "replace", "path": "/spec/customImage", "value": "kindest/node:v1.34.2"}])
         );
         assert_eq!(
-            patches.bootstrap,
-            [json!({"op": "remove", "path": "/spec/clusterConfiguration/featureGates"})]
+            json(&patches.bootstrap),
+            json!([{"op": "remove", "path": "/spec/clusterConfiguration/featureGates"}])
         );
     }
 

@@ -94,8 +94,8 @@ pub struct Patch {
 
 impl Patch {
     /// A JSON Patch from its operations.
-    pub fn json_patch(operations: &[Value]) -> Self {
-        // Serializing a slice of `Value` cannot fail: every key is a string.
+    pub fn json_patch<Operation: Serialize>(operations: &[Operation]) -> Self {
+        // Serializing the operations cannot fail: every key is a string.
         let patch = serde_json::to_vec(operations).unwrap_or_default();
         Self {
             patch_type: PatchType::JsonPatch,
