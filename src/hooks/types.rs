@@ -15,7 +15,7 @@
 //! checked to be JSON all the same, as Go's encoding/json checks the fields it does not know.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -94,7 +94,7 @@ pub struct Patch {
 
 impl Patch {
     /// A JSON Patch from its operations.
-    pub fn json_patch<Operation: Serialize>(operations: &[Operation]) -> Self {
+    pub fn json_patch<T: Serialize>(operations: &[T]) -> Self {
         // Serializing the operations cannot fail: every key is a string.
         let patch = serde_json::to_vec(operations).unwrap_or_default();
         Self {
@@ -232,8 +232,9 @@ pub enum Outline {
 /// values as equal bytes, so on a plain upgrade most specs arrive twice, byte for byte, the
 /// KubeadmConfig's above all (the bulk of the request, with its files). The request is read in one
 /// pass: of each object only what a [`RequestObject`] holds is decoded, its `spec` along the
-/// [`Reads::spec`] outline, and where the spec the decision compares is, is noted; the second copy of a spec is only compared with the first, byte for byte. What is the
-/// same text on both sides cannot differ, so of it only what the decision checks of each side
+/// [`Reads::spec`] outline, and where the spec the decision compares is, is noted; the second
+/// copy of a spec is only compared with the first, byte for byte. What is the same text on both
+/// sides cannot differ, so of it only what the decision checks of each side
 /// alone is decoded, once (`unchanged`): of the whole spec when the two specs are the same text,
 /// else of each of their top-level fields that is; the fields that differ are decoded whole. What
 /// is left out is only checked to be JSON, as Go's encoding/json does with fields it does not know;
@@ -260,7 +261,9 @@ impl Reads {
 /// One object of a CanUpdate request (Machine or MachineSet, infrastructure object, bootstrap
 /// config) as the decision reads it: its type, the owner's name, and its `spec`. Typed rather
 /// than a JSON map: these few strings are read of every object of every request, and a map per
-/// object, with its keys, cost more than the decision.
+/// object, with its keys, cost more than the decision. A value that is not a JSON object holds
+/// nothing and is only checked to be JSON, as Go keeps each object as raw JSON
+/// (`runtime.RawExtension`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestObject {
     /// `apiVersion`; empty when missing or not a string, as every field below.
@@ -275,7 +278,10 @@ pub struct RequestObject {
 }
 
 impl RequestObject {
-    /// The object that reading `value` whole gives (one that is not a JSON object has nothing).
+    /// The object that reading `value` whole gives, every field of it (one that is not a JSON
+    /// object has nothing): what the tests compare the answers to requests read along [`Reads`]
+    /// with.
+    #[cfg(test)]
     pub fn from_value(value: &Value) -> Self {
         let text = |path: &[&str]| object::get_str(value, path).unwrap_or_default().to_owned();
         Self {
@@ -391,9 +397,13 @@ impl<'a> ReadSpec<'a> {
         // Room for the fields of the specs the hooks read, so that it is allocated once.
         let mut fields = Vec::with_capacity(8);
         while let Some(key) = members.next_key(scan)? {
-            // On an upgrade most fields of a spec that differs are the same on both sides.
+            // On an upgrade most fields of a spec that differs are the same on both sides, in the
+            // same order (Go writes a struct's fields in a fixed order), so a field is compared
+            // with the field in its place, if it has the same name: never a search, which a spec
+            // of many fields would make quadratic.
             let same = known_fields
-                .and_then(|known| known.iter().rev().find(|(known_key, _)| *known_key == key))
+                .and_then(|known| known.get(fields.len()))
+                .filter(|(known_key, _)| *known_key == key)
                 .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
             let value = match same {
                 Some(span) => span,
@@ -479,10 +489,10 @@ impl<'a> ReadObject<'a> {
                     partial.spec = Some(read_along(scan, &reads.spec, &mut spec, known_spec)?);
                 }
                 _ => {
+                    // As for the fields of a spec (`ReadSpec::read`): the field in its place.
                     let same = other
-                        .and_then(|other| {
-                            other.checked.iter().rev().find(|(known, _)| *known == key)
-                        })
+                        .and_then(|other| other.checked.get(checked.len()))
+                        .filter(|(known, _)| *known == key)
                         .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
                     let value = match same {
                         Some(span) => span,
@@ -594,14 +604,12 @@ fn decode_spec_pair(
         ));
     };
     let decode = |fields: &SpecFields, others: &SpecFields| {
+        let others = LastByName::new(others);
         let mut decoded = Map::new();
         for (key, value) in fields {
-            // A repeated name counts with its last value, as decoding the whole spec would.
-            let other = others
-                .iter()
-                .rev()
-                .find(|(other_key, _)| same_name(other_key, key));
-            let same = other.is_some_and(|(_, other)| scan.text(*other) == scan.text(*value));
+            let same = others
+                .get(key)
+                .is_some_and(|other| scan.text(other) == scan.text(*value));
             let outline = match unchanged {
                 _ if !same => &Outline::Whole,
                 // The names read are text, so bytes that are not UTF-8 match none of them.
@@ -625,6 +633,44 @@ fn decode_spec_pair(
         decode(&current_fields, &desired_fields).map_err(in_context("current"))?,
         decode(&desired_fields, &current_fields).map_err(in_context("desired"))?,
     ))
+}
+
+/// Where each name among the fields of a spec has its value; a repeated name counts with its last
+/// value, as decoding the whole spec would. Specs have a handful of fields, found fastest by going
+/// through them; past [`LastByName::FEW`] they are looked up in a map, so that a request with
+/// thousands of fields cannot take quadratic time.
+enum LastByName<'f> {
+    Few(&'f [(Cow<'f, [u8]>, Span)]),
+    Many(HashMap<Cow<'f, str>, Span>),
+}
+
+impl<'f> LastByName<'f> {
+    const FEW: usize = 32;
+
+    fn new(fields: &'f [(Cow<'f, [u8]>, Span)]) -> Self {
+        if fields.len() <= Self::FEW {
+            return Self::Few(fields);
+        }
+        // Later fields replace earlier ones of the same name.
+        Self::Many(
+            fields
+                .iter()
+                .map(|(key, value)| (key_text(key), *value))
+                .collect(),
+        )
+    }
+
+    /// The value of the field named `key`, if there is one.
+    fn get(&self, key: &[u8]) -> Option<Span> {
+        match self {
+            Self::Few(fields) => fields
+                .iter()
+                .rev()
+                .find(|(other, _)| same_name(other, key))
+                .map(|(_, value)| *value),
+            Self::Many(fields) => fields.get(&*key_text(key)).copied(),
+        }
+    }
 }
 
 /// Whether two keys name the same field, as text (see [`key_text`]): the same bytes always do,
@@ -1280,6 +1326,40 @@ mod test {
         ] {
             assert!(request(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_repeated_name_counts_with_its_last_value_among_few_fields_or_many() {
+        let nothing = &TEST_READS.unchanged[0];
+        for count in [3, LastByName::FEW + 8] {
+            let fields: String = (0..count).map(|n| format!(r#""f{n}": {n}, "#)).collect();
+            let (current, desired) = read_pair(
+                &format!(r#"{{"spec": {{{fields}"version": "a"}}}}"#),
+                &format!(r#"{{"spec": {{{fields}"version": "b", "f0": 5}}}}"#),
+                nothing,
+            )
+            .unwrap();
+            assert_eq!(
+                current,
+                Some(json!({"spec": {"f0": 0, "version": "a"}})),
+                "{count}"
+            );
+            assert_eq!(
+                desired,
+                Some(json!({"spec": {"f0": 5, "version": "b"}})),
+                "{count}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_object_that_is_not_an_object_is_only_checked() {
+        // As Go keeps it, raw: valid JSON, holding nothing the decision reads.
+        let request =
+            CanUpdateMachineRequest::read(br#"{"current": {"machine": [1e400, "\ud800"]}}"#)
+                .unwrap();
+        assert_eq!(request.current.machine, Some(RequestObject::default()));
+        assert!(CanUpdateMachineRequest::read(br#"{"current": {"machine": [1,]}}"#).is_err());
     }
 
     #[test]
