@@ -26,6 +26,8 @@ pub enum Error {
     },
     #[error("capd-inplace did not become ready within {after:?}; log tail:\n{log}")]
     NotReady { after: Duration, log: String },
+    #[error("capd-inplace exited while starting ({status}); log tail:\n{log}")]
+    Exited { status: String, log: String },
     #[error("TLS client: {0}")]
     Tls(String),
     #[error("metrics: {0}")]
@@ -102,14 +104,25 @@ impl ExtensionProcess {
                 .map_err(io("create the process dir"))?,
             artifact_url: artifact_url.to_string(),
             options,
-            port: free_port()?,
-            health_port: free_port()?,
-            metrics_port: free_port()?,
+            port: 0,
+            health_port: 0,
+            metrics_port: 0,
             child: None,
             starts: 0,
         };
-        process.spawn().await?;
-        Ok(process)
+        // A port found free may be taken before the process binds it (by any other process's
+        // socket, an outgoing connection's included); then the process exits at once, and
+        // starts again on other ports.
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            (process.port, process.health_port, process.metrics_port) =
+                (free_port()?, free_port()?, free_port()?);
+            match process.spawn().await {
+                Err(Error::Exited { .. }) if attempt < ATTEMPTS => attempt += 1,
+                started => return started.map(|()| process),
+            }
+        }
     }
 
     fn cert_dir(&self) -> PathBuf {
@@ -157,7 +170,7 @@ impl ExtensionProcess {
         self.wait_ready(Duration::from_secs(30)).await
     }
 
-    async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let url = format!("http://127.0.0.1:{}/readyz", self.health_port);
         let client = reqwest::Client::builder()
@@ -166,6 +179,17 @@ impl ExtensionProcess {
             .build()
             .map_err(|e| Error::Tls(e.to_string()))?;
         while start.elapsed() < timeout {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(Error::Exited {
+                    status: status.to_string(),
+                    log: self.log_tail(),
+                });
+            }
             if self.cert_dir().join("ca.crt").is_file()
                 && let Ok(response) = client.get(&url).send().await
                 && response.status().is_success()
@@ -233,7 +257,11 @@ impl ExtensionProcess {
         for start in 1..=self.starts {
             let path = self.dir.path().join(format!("serve-{start}.log"));
             if let Ok(text) = std::fs::read_to_string(&path) {
-                let lines: Vec<&str> = text.lines().collect();
+                // Without the frames of a backtrace, which would push the error out of the tail.
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|line| !is_backtrace_frame(line))
+                    .collect();
                 let from = lines.len().saturating_sub(40);
                 out.push_str(&format!(
                     "--- start {start} ---\n{}\n",
@@ -257,6 +285,15 @@ impl ExtensionProcess {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A line of a printed backtrace: `  12: function` or `      at file:line`.
+fn is_backtrace_frame(line: &str) -> bool {
+    let line = line.trim_start();
+    line.starts_with("at ")
+        || line.split_once(": ").is_some_and(|(number, _)| {
+            !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 impl Drop for ExtensionProcess {
@@ -300,4 +337,26 @@ pub fn https_client(ca_pem: &str) -> Result<reqwest::Client> {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| Error::Tls(e.to_string()))
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn backtrace_frames_are_told_from_messages() {
+        for frame in [
+            "  12: tokio::runtime::park",
+            "             at ./src/main.rs:261:24",
+        ] {
+            assert!(is_backtrace_frame(frame), "{frame}");
+        }
+        for message in [
+            "Error: bind 127.0.0.1:4000: Address already in use",
+            "error: unexpected argument '--no-such-flag' found",
+            "Stack backtrace:",
+        ] {
+            assert!(!is_backtrace_frame(message), "{message}");
+        }
+    }
 }

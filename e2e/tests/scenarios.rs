@@ -16,7 +16,7 @@ use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOp
 use capd_inplace_e2e::driver::{
     self, Change, Decision, Driver, Event, ExtensionConfig, Hook, Pacing, RuntimeClient, Workload,
 };
-use capd_inplace_e2e::extension::{ExtensionProcess, sample};
+use capd_inplace_e2e::extension::{Error, ExtensionProcess, ServeOptions, sample};
 use capd_inplace_e2e::sim::{Fault, SimCluster};
 use capd_inplace_e2e::sim_artifacts;
 use serde_json::{Value, json};
@@ -1042,4 +1042,24 @@ async fn foreign_containers_injection_and_garbage_change_nothing() {
     assert!(!exists(&other, &other_cp, "/pwned").await);
     assert_nodes(&env, FROM, Journal::Untouched).await;
     drop(plain);
+}
+
+/// A process that exits while starting (here on a flag it does not know; in a run, on a port
+/// taken between finding it free and binding it) is reported as soon as it exits, after the
+/// harness has started it again on other ports, with its error above any backtrace.
+#[tokio::test]
+async fn an_extension_that_cannot_start_says_why_at_once() {
+    init();
+    let options = ServeOptions {
+        extra_args: vec!["--no-such-flag".into()],
+        ..Default::default()
+    };
+    let error = ExtensionProcess::start_with("http://127.0.0.1:9", options)
+        .await
+        .err()
+        .expect("it cannot start");
+    assert!(matches!(error, Error::Exited { .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains("--no-such-flag"), "{text}");
+    assert_eq!(text.matches("--- start").count(), 3, "{text}");
 }
