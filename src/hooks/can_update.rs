@@ -428,6 +428,23 @@ fn printable_kind(kind: &str) -> &str {
     }
 }
 
+/// The specs the decision compares of a current and a desired object, or a decline naming the
+/// object as `kind` when either has none.
+fn specs<'a>(
+    shape: &Shape,
+    kind: &str,
+    current: &'a RequestObject,
+    desired: &'a RequestObject,
+) -> Result<(&'a Value, &'a Value), Decision> {
+    match (current.get(shape.spec_path), desired.get(shape.spec_path)) {
+        (Some(current), Some(desired)) => Ok((current, desired)),
+        _ => Err(Decision::decline(
+            "unsupported_object",
+            format!("{kind} has no {}", shape.spec_name),
+        )),
+    }
+}
+
 /// Compares the cleaned owner specs. Only `version` may differ; returns the change and its patch.
 fn owner_version_change(
     shape: &Shape,
@@ -437,14 +454,7 @@ fn owner_version_change(
 ) -> Result<(Option<VersionChange>, Vec<Operation>), Decision> {
     let owner_kind = shape.owner_kind;
     let spec_name = shape.spec_name;
-    let (Some(current_spec), Some(desired_spec)) =
-        (current.get(shape.spec_path), desired.get(shape.spec_path))
-    else {
-        return Err(Decision::decline(
-            "unsupported_object",
-            format!("{owner_kind} has no {spec_name}"),
-        ));
-    };
+    let (current_spec, desired_spec) = specs(shape, owner_kind, current, desired)?;
     let current_spec = cleanup_machine_spec(current_spec);
     let desired_spec = cleanup_machine_spec(desired_spec);
     let mut version_differs = false;
@@ -558,14 +568,7 @@ fn infrastructure_changes(
 ) -> Result<Vec<Operation>, Decision> {
     let kind = current.kind.as_str();
     let spec_name = shape.spec_name;
-    let (Some(current_spec), Some(desired_spec)) =
-        (current.get(shape.spec_path), desired.get(shape.spec_path))
-    else {
-        return Err(Decision::decline(
-            "unsupported_object",
-            format!("{kind} has no {spec_name}"),
-        ));
-    };
+    let (current_spec, desired_spec) = specs(shape, kind, current, desired)?;
     // Only for the messages of declines.
     let image_name = || format!("{kind} {spec_name}.{}", image_path.join("."));
     let mut operations = Vec::new();
@@ -647,14 +650,7 @@ fn bootstrap_changes(
 ) -> Result<Vec<Operation>, Decision> {
     let kind = current.kind.as_str();
     let spec_name = shape.spec_name;
-    let (Some(current_spec), Some(desired_spec)) =
-        (current.get(shape.spec_path), desired.get(shape.spec_path))
-    else {
-        return Err(Decision::decline(
-            "unsupported_object",
-            format!("{kind} has no {spec_name}"),
-        ));
-    };
+    let (current_spec, desired_spec) = specs(shape, kind, current, desired)?;
     let mut operations = Vec::new();
     for difference in differences(current_spec, desired_spec) {
         let field = format!("{kind} {spec_name}.{}", difference.path.join("."));

@@ -358,8 +358,25 @@ fn read_along<'a>(
     }
 }
 
-/// The fields of a spec: each key, unescaped, and where its value is.
-type SpecFields<'a> = Vec<(Cow<'a, [u8]>, Span)>;
+/// A field of an object as it was read: its key, unescaped, and where its value is.
+type Field<'a> = (Cow<'a, [u8]>, Span);
+
+/// The fields of a spec.
+type SpecFields<'a> = Vec<Field<'a>>;
+
+/// Passes over the value of the field `key`, comparing it with `known`, the other side's field in
+/// the same place, when that has the same name. On an upgrade most fields of two objects that
+/// differ are the same on both sides, in the same order (Go writes a struct's fields in a fixed
+/// order); a field is never searched for, which an object of many fields would make quadratic.
+fn skip_field(scan: &mut Scanner, key: &[u8], known: Option<&Field>) -> Result<Span, ReadError> {
+    let same = known
+        .filter(|(known_key, _)| **known_key == *key)
+        .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
+    match same {
+        Some(span) => Ok(span),
+        None => scan.skip(),
+    }
+}
 
 /// A spec as it was read: where it is, and, when it is an object that was checked here rather than
 /// compared with the other side's, where each of its fields is (for [`decode_spec_pair`]).
@@ -373,7 +390,7 @@ struct ReadSpec<'a> {
 
 impl<'a> ReadSpec<'a> {
     /// Reads the next value; when it repeats `known` (the other side's spec), only compares it,
-    /// and of an object that does not, each field that repeats the field of that name in `known`.
+    /// and of an object that does not, each field that repeats the field in its place in `known`.
     fn read(scan: &mut Scanner<'a>, known: Option<&ReadSpec>) -> Result<Self, ReadError> {
         if let Some(known) = known
             && let Some(span) = scan.skip_same(scan.text(known.span))
@@ -397,18 +414,8 @@ impl<'a> ReadSpec<'a> {
         // Room for the fields of the specs the hooks read, so that it is allocated once.
         let mut fields = Vec::with_capacity(8);
         while let Some(key) = members.next_key(scan)? {
-            // On an upgrade most fields of a spec that differs are the same on both sides, in the
-            // same order (Go writes a struct's fields in a fixed order), so a field is compared
-            // with the field in its place, if it has the same name: never a search, which a spec
-            // of many fields would make quadratic.
-            let same = known_fields
-                .and_then(|known| known.get(fields.len()))
-                .filter(|(known_key, _)| *known_key == key)
-                .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
-            let value = match same {
-                Some(span) => span,
-                None => scan.skip()?,
-            };
+            let known = known_fields.and_then(|known| known.get(fields.len()));
+            let value = skip_field(scan, &key, known)?;
             fields.push((key, value));
         }
         Ok(Self {
@@ -435,9 +442,9 @@ fn decode_spec(outline: &'static Outline, body: &[u8], spec: Span) -> Result<Val
 struct ReadObject<'a> {
     partial: RequestObject,
     spec: Option<ReadSpec<'a>>,
-    /// The fields only checked, each key (unescaped) and where its value is, so that the other
-    /// side's may be compared with them (metadata and status are mostly the same on both sides).
-    checked: Vec<(Cow<'a, [u8]>, Span)>,
+    /// The fields only checked, so that the other side's may be compared with them (metadata and
+    /// status are mostly the same on both sides).
+    checked: Vec<Field<'a>>,
 }
 
 impl<'a> ReadObject<'a> {
@@ -470,34 +477,14 @@ impl<'a> ReadObject<'a> {
                 b"apiVersion" => partial.api_version = read_text(scan)?,
                 b"kind" => partial.kind = read_text(scan)?,
                 b"metadata" if metadata => {
-                    (partial.name, partial.namespace) = Default::default();
-                    let Some(mut fields) = scan.object() else {
-                        scan.skip()?;
-                        continue;
-                    };
-                    while let Some(key) = fields.next_key(scan)? {
-                        match &*key {
-                            b"name" => partial.name = read_text(scan)?,
-                            b"namespace" => partial.namespace = read_text(scan)?,
-                            _ => {
-                                scan.skip()?;
-                            }
-                        }
-                    }
+                    (partial.name, partial.namespace) = read_name(scan)?;
                 }
                 b"spec" => {
                     partial.spec = Some(read_along(scan, &reads.spec, &mut spec, known_spec)?);
                 }
                 _ => {
-                    // As for the fields of a spec (`ReadSpec::read`): the field in its place.
-                    let same = other
-                        .and_then(|other| other.checked.get(checked.len()))
-                        .filter(|(known, _)| *known == key)
-                        .and_then(|(_, known)| scan.skip_same(scan.text(*known)));
-                    let value = match same {
-                        Some(span) => span,
-                        None => scan.skip()?,
-                    };
+                    let known = other.and_then(|other| other.checked.get(checked.len()));
+                    let value = skip_field(scan, &key, known)?;
                     checked.push((key, value));
                 }
             }
@@ -528,6 +515,26 @@ impl<'a> ReadObject<'a> {
         }
         object
     }
+}
+
+/// Reads the next value as metadata: its `name` and `namespace` (empty when missing, as when the
+/// value is not an object).
+fn read_name(scan: &mut Scanner) -> Result<(String, String), ReadError> {
+    let (mut name, mut namespace) = Default::default();
+    let Some(mut fields) = scan.object() else {
+        scan.skip()?;
+        return Ok((name, namespace));
+    };
+    while let Some(key) = fields.next_key(scan)? {
+        match &*key {
+            b"name" => name = read_text(scan)?,
+            b"namespace" => namespace = read_text(scan)?,
+            _ => {
+                scan.skip()?;
+            }
+        }
+    }
+    Ok((name, namespace))
 }
 
 /// Reads the next value as a string: any other value reads as empty, as the decision takes it.
@@ -640,14 +647,14 @@ fn decode_spec_pair(
 /// through them; past [`LastByName::FEW`] they are looked up in a map, so that a request with
 /// thousands of fields cannot take quadratic time.
 enum LastByName<'f> {
-    Few(&'f [(Cow<'f, [u8]>, Span)]),
+    Few(&'f [Field<'f>]),
     Many(HashMap<Cow<'f, str>, Span>),
 }
 
 impl<'f> LastByName<'f> {
     const FEW: usize = 32;
 
-    fn new(fields: &'f [(Cow<'f, [u8]>, Span)]) -> Self {
+    fn new(fields: &'f [Field<'f>]) -> Self {
         if fields.len() <= Self::FEW {
             return Self::Few(fields);
         }
