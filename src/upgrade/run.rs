@@ -1716,9 +1716,10 @@ mod tests {
     use super::*;
 
     /// The starts of renewals that each take `takes`, every 10 s over 45 s of paused time, as
-    /// seconds from the start; and whether the renewer stopped by itself. The renewal after
-    /// `busy_after` calls finds the lease taken.
-    async fn renewals(takes: Duration, busy_after: usize) -> (Vec<u64>, bool) {
+    /// milliseconds from the start (so that a schedule off by the time a renewal takes shows);
+    /// and whether the renewer stopped by itself. The renewal after `busy_after` calls finds the
+    /// lease taken.
+    async fn renewals(takes: Duration, busy_after: usize) -> (Vec<u128>, bool) {
         let begin = tokio::time::Instant::now();
         let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
         let renewer = keep_renewing(Duration::from_secs(10), || {
@@ -1726,7 +1727,7 @@ mod tests {
             async move {
                 let calls = {
                     let mut starts = starts.lock().expect("not poisoned");
-                    starts.push(begin.elapsed().as_secs());
+                    starts.push(begin.elapsed().as_millis());
                     starts.len()
                 };
                 tokio::time::sleep(takes).await;
@@ -1750,16 +1751,16 @@ mod tests {
         // A renewal that takes 8 of the 10 s does not push the next one later.
         assert_eq!(
             renewals(Duration::from_secs(8), usize::MAX).await,
-            (vec![10, 20, 30, 40], false)
+            (vec![10_000, 20_000, 30_000, 40_000], false)
         );
         assert_eq!(
             renewals(Duration::from_millis(50), usize::MAX).await,
-            (vec![10, 20, 30, 40], false)
+            (vec![10_000, 20_000, 30_000, 40_000], false)
         );
         // One that finds the lease taken stops the renewer.
         assert_eq!(
             renewals(Duration::from_millis(50), 2).await,
-            (vec![10, 20, 30], true)
+            (vec![10_000, 20_000, 30_000], true)
         );
     }
 
