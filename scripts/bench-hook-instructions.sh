@@ -175,7 +175,7 @@ echo "| capd-inplace | $(thousands "$extension") | $(ratio "$extension" "$plain"
 echo
 echo "Checking with serde_json that the request is JSON costs the validating ceiling $(thousands $((validating - plain))) instructions per request. The extension checks it with its own scanner (\`src/hooks/scan.rs\`), which passes over the desired side's copy of a spec the current side has already shown with a byte comparison. Of the extension's $(thousands "$extension"):"
 echo
-echo "- reading the request: $(thousands "$decode"), of which the scanner passing over what is not decoded: $(thousands "$skim");"
+echo "- reading the request: $(thousands "$decode"), of which the scanner checking values (decoded or not): $(thousands "$skim");"
 echo "- deciding and building the answer: $(thousands "$decide"); dropping the request: $(thousands "$drop");"
 if [ -n "$decode" ] && [ -n "$decide" ] && [ -n "$drop" ]; then
   echo "- everything else (TLS, HTTP, layers, writing the answer): $(thousands $((extension - decode - decide - drop))), against the ceiling's $(thousands "$plain")."
