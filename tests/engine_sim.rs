@@ -439,6 +439,98 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
     f.cluster.down().await.unwrap();
 }
 
+/// A worker's cordon is lifted by kubectl in the control plane, so the node's own exec cannot
+/// guard it as it guards every change in the node. An upgrader whose lease passed to another
+/// while it waited for the worker's Node must still not uncordon that worker: the new holder may
+/// be draining it. (The lease here is long enough that no renewal notices the loss in time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
+    let mut f = fixture("eng-lease-worker", 1, 1, "v1.31.4").await;
+    f.engine = Engine::new(
+        Docker::connect().await.unwrap(),
+        Timeouts {
+            node_ready: Duration::from_secs(60),
+            lease: Duration::from_secs(600),
+            ..Timeouts::default()
+        },
+    );
+    let cp = f.cluster.control_plane().name.clone();
+    let worker = f
+        .cluster
+        .nodes()
+        .iter()
+        .find(|n| n.name != cp)
+        .unwrap()
+        .name
+        .clone();
+    let (tx, _rx) = watch::channel(Progress::Queued);
+    let outcome = f
+        .engine
+        .upgrade(&target(&f, &cp, "v1.31.9"), &f.options, &tx)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Upgraded);
+    // The restarted kubelet takes 4 s to come up, so the upgrader waits that long for the Node
+    // after its last change in the worker; the lease passes to another during the wait.
+    f.cluster
+        .inject_fault(
+            &worker,
+            "kubelet",
+            &serde_json::from_str::<Fault>(r#"{"delay_ms":4000}"#).unwrap(),
+        )
+        .await
+        .unwrap();
+    let worker_target = target(&f, &worker, "v1.31.9");
+    let upgrade = f.engine.upgrade(&worker_target, &f.options, &tx);
+    let take_over = async {
+        let installed = async {
+            while stdout(&f, &worker, &["kubelet", "--version"]).await != "Kubernetes v1.31.9" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), installed)
+            .await
+            .expect("the upgrade installs the kubelet");
+        // Past the restart's exec, inside the wait for the Node.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stdout(
+            &f,
+            &worker,
+            &[
+                "flock",
+                LOCK_FILE,
+                "-c",
+                &format!("printf 'other-upgrader 4102444800\\n' > {LEASE_FILE}"),
+            ],
+        )
+        .await;
+    };
+    let (outcome, ()) = tokio::join!(upgrade, take_over);
+
+    let error = outcome.unwrap_err();
+    assert!(
+        matches!(error.source, capd_inplace::upgrade::Error::LeaseLost),
+        "{error}"
+    );
+    assert_eq!(error.step, Step::Uncordon, "{error}");
+    let nodes = f.cluster.nodes_json().await.unwrap();
+    let node = nodes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["metadata"]["name"] == worker.as_str())
+        .unwrap();
+    assert_eq!(
+        node["spec"]["unschedulable"], true,
+        "{worker} was uncordoned"
+    );
+    assert_eq!(
+        stdout(&f, &worker, &["cat", LEASE_FILE]).await,
+        "other-upgrader 4102444800"
+    );
+    f.cluster.down().await.unwrap();
+}
+
 /// A cache server on the gateway of `node`'s Docker network, which is this host: where the CLI's
 /// `--serve-cache` listens.
 async fn cache_server_at_gateway(f: &Fixture, node: &str) -> CacheServer {

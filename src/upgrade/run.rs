@@ -1427,8 +1427,8 @@ impl<'a> Session<'a> {
         let answers = if self.kubectl_runs_in_node() {
             self.change(&[action], &[read_node], timeout).await?
         } else {
-            // kubectl runs in another container; the journal is written in this one first.
-            self.write_journal_if_changed().await?;
+            // kubectl runs in another container, which cannot check this node's lease.
+            self.guard_in_node().await?;
             let mut batch = Batch::new(timeout);
             batch.push_step(&action);
             batch.push(&read_node);
@@ -1532,8 +1532,13 @@ impl<'a> Session<'a> {
         with_write_arguments(writer, &self.paths.journal(), &json, 0o644)
     }
 
-    async fn write_journal_if_changed(&mut self) -> Result<()> {
-        if self.journal_unsaved {
+    /// Before a change made from another container (a worker's drain and uncordon, run by kubectl
+    /// in the control plane): writes the journal if it changed, else checks that the node still
+    /// says the lease is this process's, in one exec in the node (see [`Session::change`]).
+    /// Without the check, an upgrader whose lease had passed to another could drain or uncordon
+    /// the node in the time before a renewal told it so.
+    async fn guard_in_node(&mut self) -> Result<()> {
+        if self.journal_unsaved || self.lease.is_some() {
             self.change(&[], &[], self.engine.timeouts.command).await?;
         }
         Ok(())
