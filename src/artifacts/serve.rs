@@ -5,12 +5,23 @@
 //! Only blobs this process has offered are served, each at `/sha256/<hex>`. Plain HTTP is enough:
 //! a node keeps a download only if it hashes to the digest this process passed in the exec's
 //! argv, which travels over the Docker Engine API, not over this connection.
+//!
+//! Whatever runs on the nodes' network can connect, so the server bounds what a connection may
+//! hold ([`Limits`]): a connection on which no byte has moved either way for a while is closed
+//! (one that never sends a request, an idle keep-alive, a download nobody reads any more), and
+//! beyond a number of connections at once, new ones wait in the kernel's backlog until one ends.
+//! There is no limit on a whole download's time: a slow node still gets its 80 MB kubelet.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -18,7 +29,11 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::ReaderStream;
 use tracing::{debug, warn};
 
@@ -26,6 +41,26 @@ use super::{CachedArtifact, Error, Result};
 
 /// Read size when streaming a blob: large enough that a 200 MB set costs few system calls.
 const CHUNK: usize = 256 * 1024;
+
+/// What one cache server allows its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a connection may go without a byte moving either way.
+    pub idle: Duration,
+    /// How many connections may be open at once.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    /// A minute of silence, far beyond any pause of a node's curl that is still downloading; and
+    /// room for every node of many clusters upgraded at once (each downloads one blob at a time).
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            connections: 256,
+        }
+    }
+}
 
 /// What the handler shares with the server's handle.
 #[derive(Default)]
@@ -64,9 +99,15 @@ impl std::fmt::Debug for CacheServer {
 }
 
 impl CacheServer {
-    /// Listens on `address` (port 0: any free port) and serves until dropped. The address is
-    /// also what the nodes are told, so it must be one they reach: not `0.0.0.0` or `::`.
+    /// Listens on `address` (port 0: any free port) and serves until dropped, within the default
+    /// [`Limits`]. The address is also what the nodes are told, so it must be one they reach: not
+    /// `0.0.0.0` or `::`.
     pub async fn bind(address: SocketAddr) -> Result<CacheServer> {
+        Self::bind_with(address, Limits::default()).await
+    }
+
+    /// As [`CacheServer::bind`], within `limits`.
+    pub async fn bind_with(address: SocketAddr, limits: Limits) -> Result<CacheServer> {
         if address.ip().is_unspecified() {
             return Err(Error::Serve {
                 address,
@@ -76,7 +117,7 @@ impl CacheServer {
                 )),
             });
         }
-        let listener = tokio::net::TcpListener::bind(address)
+        let listener = TcpListener::bind(address)
             .await
             .map_err(|source| Error::Serve {
                 address,
@@ -90,6 +131,11 @@ impl CacheServer {
         let router = Router::new()
             .route("/sha256/{digest}", get(blob))
             .with_state(Arc::clone(&shared));
+        let listener = GuardedListener {
+            listener,
+            permits: Arc::new(Semaphore::new(limits.connections)),
+            idle: limits.idle,
+        };
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 warn!(error = %e, "the cache server stopped");
@@ -162,9 +208,160 @@ async fn blob(State(shared): State<Arc<Shared>>, Path(digest): Path<String>) -> 
     }
 }
 
+/// The cache server's listener: accepts a connection only with one of the [`Limits`]'
+/// connection permits in hand, and hands it out as a [`GuardedStream`].
+struct GuardedListener {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    idle: Duration,
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = GuardedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
+        // The permit comes first: connections over the limit wait in the backlog, unaccepted.
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the permits are never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    return (GuardedStream::new(stream, permit, self.idle), peer);
+                }
+                // Out of file descriptors, say: wait a little rather than spin, as axum does.
+                Err(e) => {
+                    debug!(error = %e, "the cache server could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection that fails its reads and writes once no byte has moved either way for `idle`,
+/// and holds its connection permit until dropped. The timer is moved only when a read or write
+/// must wait, not at every byte, so a busy download costs a clock read per chunk.
+struct GuardedStream {
+    stream: TcpStream,
+    idle: Duration,
+    last_progress: Instant,
+    timer: Pin<Box<Sleep>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl GuardedStream {
+    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            stream,
+            idle,
+            last_progress: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            _permit: permit,
+        }
+    }
+
+    /// After a read or write that must wait: an error once nothing has moved for `idle`, else
+    /// pending, with the timer set to wake this task when that time comes.
+    fn poll_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let due = self.last_progress + self.idle;
+        if self.timer.deadline() != due {
+            self.timer.as_mut().reset(due);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no byte moved on the connection for {} s",
+                    self.idle.as_secs_f64()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// What a read or write answered: progress when it moved bytes, the idle check when it
+    /// must wait.
+    fn moved<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+        progress: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(Ok(value)) => {
+                if progress(&value) {
+                    self.last_progress = Instant::now();
+                }
+                Poll::Ready(Ok(value))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.poll_idle(cx),
+        }
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = buf.filled().len() > before;
+        this.moved(cx, polled, |()| read)
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.moved(cx, polled, |&written| written > 0)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.moved(cx, polled, |&written| written > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_flush(cx);
+        this.moved(cx, polled, |()| false)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(url: &str) -> (u16, Vec<u8>) {
         let response = reqwest::get(url).await.unwrap();
@@ -219,6 +416,107 @@ mod tests {
         drop(server);
         tokio::task::yield_now().await;
         assert!(reqwest::get(&format!("{base}/sha256/x")).await.is_err());
+    }
+
+    /// A server on loopback within `limits`, offering one blob of `size` bytes; and the path
+    /// of that blob.
+    async fn offering(
+        dir: &tempfile::TempDir,
+        size: usize,
+        limits: Limits,
+    ) -> (CacheServer, SocketAddr, String) {
+        let path = dir.path().join("blob");
+        std::fs::write(&path, vec![7u8; size]).unwrap();
+        let server = CacheServer::bind_with("127.0.0.1:0".parse().unwrap(), limits)
+            .await
+            .unwrap();
+        let url = server.offer(&CachedArtifact {
+            size: size as u64,
+            path,
+            sha256: "d".repeat(64),
+        });
+        let address = server.url().trim_start_matches("http://").parse().unwrap();
+        let path = url.trim_start_matches(server.url()).to_string();
+        (server, address, path)
+    }
+
+    fn request(path: &str) -> Vec<u8> {
+        format!("GET {path} HTTP/1.1\r\nHost: cache\r\n\r\n").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_once_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let idle = Duration::from_millis(300);
+        let limits = Limits {
+            idle,
+            ..Limits::default()
+        };
+        let (_server, address, _) = offering(&dir, 10, limits).await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let started = Instant::now();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("the server closes the connection");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert!(started.elapsed() >= idle, "closed before it was idle");
+    }
+
+    #[tokio::test]
+    async fn a_download_nobody_reads_is_cut_off_once_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        // More than the socket buffers of both ends hold, so the server's writes must wait.
+        let size = 32 << 20;
+        let limits = Limits {
+            idle: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (_server, address, path) = offering(&dir, size, limits).await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(&request(&path)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut received = Vec::new();
+        // A reset or an end, after what the buffers held; a server that kept the connection
+        // would send it all and then wait for the next request, and this would time out.
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+            .await
+            .expect("the server ends the connection");
+        assert!(
+            received.len() < size,
+            "all {} bytes arrived",
+            received.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_wait_for_one_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            idle: Duration::from_secs(30),
+            connections: 1,
+        };
+        let (_server, address, path) = offering(&dir, 10, limits).await;
+        let first = TcpStream::connect(address).await.unwrap();
+        let mut second = TcpStream::connect(address).await.unwrap();
+        second.write_all(&request(&path)).await.unwrap();
+        let mut answer = [0u8; 64];
+        let early =
+            tokio::time::timeout(Duration::from_millis(500), second.read(&mut answer)).await;
+        assert!(
+            early.is_err(),
+            "answered while the first held the only connection"
+        );
+        drop(first);
+        let read = tokio::time::timeout(Duration::from_secs(5), second.read(&mut answer))
+            .await
+            .expect("answered once the first connection ended")
+            .unwrap();
+        assert!(
+            answer[..read].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer[..read])
+        );
     }
 
     #[tokio::test]
