@@ -470,29 +470,36 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
         .await
         .unwrap();
     assert_eq!(outcome, Outcome::Upgraded);
-    // The restarted kubelet takes 4 s to come up, so the upgrader waits that long for the Node
-    // after its last change in the worker; the lease passes to another during the wait.
+    // The restarted kubelet takes 8 s to come up, so the upgrader waits that long for the Node
+    // after its last change in the worker (the restart, whose exec checks the lease first); the
+    // lease passes to another as soon as systemd has started the new kubelet.
     f.cluster
         .inject_fault(
             &worker,
             "kubelet",
-            &serde_json::from_str::<Fault>(r#"{"delay_ms":4000}"#).unwrap(),
+            &serde_json::from_str::<Fault>(r#"{"delay_ms":8000}"#).unwrap(),
         )
         .await
         .unwrap();
+    let kubelet_run = [
+        "systemctl",
+        "show",
+        "--property=InvocationID",
+        "--value",
+        "kubelet",
+    ];
+    let first_run = stdout(&f, &worker, &kubelet_run).await;
     let worker_target = target(&f, &worker, "v1.31.9");
     let upgrade = f.engine.upgrade(&worker_target, &f.options, &tx);
     let take_over = async {
-        let installed = async {
-            while stdout(&f, &worker, &["kubelet", "--version"]).await != "Kubernetes v1.31.9" {
+        let restarted = async {
+            while stdout(&f, &worker, &kubelet_run).await == first_run {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(120), installed)
+        tokio::time::timeout(Duration::from_secs(120), restarted)
             .await
-            .expect("the upgrade installs the kubelet");
-        // Past the restart's exec, inside the wait for the Node.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+            .expect("the upgrade restarts the kubelet");
         stdout(
             &f,
             &worker,

@@ -1536,7 +1536,9 @@ impl<'a> Session<'a> {
     /// in the control plane): writes the journal if it changed, else checks that the node still
     /// says the lease is this process's, in one exec in the node (see [`Session::change`]).
     /// Without the check, an upgrader whose lease had passed to another could drain or uncordon
-    /// the node in the time before a renewal told it so.
+    /// the node in the time before a renewal told it so. It narrows that window to the time
+    /// between two execs rather than closing it: the check and kubectl are not one exec, and a
+    /// lease lost while a drain runs is seen at the next step.
     async fn guard_in_node(&mut self) -> Result<()> {
         if self.journal_unsaved || self.lease.is_some() {
             self.change(&[], &[], self.engine.timeouts.command).await?;

@@ -88,8 +88,9 @@ impl Step {
     /// node shows (binary versions, the running kubelet's version) are re-checked on resume and
     /// need no record; these are the ones whose completion the node cannot show (a worker's
     /// `kubeadm upgrade node`, our drain and uncordon, the end), plus the long ones, so `status`
-    /// stays close to the truth. A record costs no exec of its own, but a worker's drain runs in
-    /// the control plane, so recording it before the cordon takes one more exec in the worker.
+    /// stays close to the truth. A record costs no exec of its own: a worker's drain and uncordon
+    /// run in the control plane, and each is preceded by an exec in the worker that checks its
+    /// lease, which carries the record.
     pub fn recorded(self) -> bool {
         matches!(
             self,

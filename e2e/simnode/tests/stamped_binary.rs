@@ -25,15 +25,27 @@ fn publish(dir: &Path, name: &str, version: &str, tool: Option<&str>) -> std::pa
     path
 }
 
+/// Runs `bin`. The tests run in parallel threads, and a child forked by one can still hold the
+/// descriptor another used to write its binary, until the child's own exec closes it: running that
+/// binary meanwhile fails with "text file busy", so that is tried again.
 fn run(bin: &Path, args: &[&str], state: &Path) -> std::process::Output {
-    Command::new(bin)
-        .args(args)
-        .env("SIMNODE_STATE_DIR", state)
-        .env("SIMNODE_NODE_NAME", "n0")
-        .env("SIMNODE_NO_SYSTEMD", "1")
-        .env_remove("SIMNODE_VERSION")
-        .output()
-        .unwrap()
+    let mut attempts = 0;
+    loop {
+        let output = Command::new(bin)
+            .args(args)
+            .env("SIMNODE_STATE_DIR", state)
+            .env("SIMNODE_NODE_NAME", "n0")
+            .env("SIMNODE_NO_SYSTEMD", "1")
+            .env_remove("SIMNODE_VERSION")
+            .output();
+        match output {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            output => return output.unwrap(),
+        }
+    }
 }
 
 #[test]
