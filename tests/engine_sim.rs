@@ -40,14 +40,9 @@ async fn fixture(name: &str, control_planes: usize, workers: usize, version: &st
     let artifacts = ArtifactCache::open(cache.path(), source, FetchConfig::default())
         .await
         .unwrap();
-    let docker = Docker::connect().await.unwrap();
-    let timeouts = Timeouts {
-        node_ready: Duration::from_secs(60),
-        ..Timeouts::default()
-    };
     Fixture {
         cluster,
-        engine: Engine::new(docker, timeouts),
+        engine: engine_with_lease(Timeouts::default().lease).await,
         options: Options::new(Source::Upload(artifacts)),
         _cache: cache,
     }
@@ -65,6 +60,35 @@ fn target(f: &Fixture, node: &str, version: &str) -> NodeTarget {
 async fn stdout(f: &Fixture, node: &str, argv: &[&str]) -> String {
     let out = f.cluster.exec_ok(node, argv).await.unwrap();
     out.stdout.trim().to_string()
+}
+
+/// An engine whose node leases last `lease` (renewed every third of it).
+async fn engine_with_lease(lease: Duration) -> Engine {
+    Engine::new(
+        Docker::connect().await.unwrap(),
+        Timeouts {
+            node_ready: Duration::from_secs(60),
+            lease,
+            ..Timeouts::default()
+        },
+    )
+}
+
+/// The first node of `f` that is not its control plane.
+fn first_worker(f: &Fixture) -> String {
+    let cp = &f.cluster.control_plane().name;
+    let worker = f.cluster.nodes().iter().find(|n| n.name != *cp).unwrap();
+    worker.name.clone()
+}
+
+/// The lease another upgrader holds once it took `node`'s over (see [`take_lease_over`]).
+const OTHER_LEASE: &str = "other-upgrader 4102444800";
+
+/// Takes `node`'s lease over for another upgrader, under the lease lock as upgraders do, and
+/// then runs `and_then` (shell) under the same lock.
+async fn take_lease_over(f: &Fixture, node: &str, and_then: &str) {
+    let script = format!("printf '{OTHER_LEASE}\\n' > {LEASE_FILE} && {and_then}");
+    stdout(f, node, &["flock", LOCK_FILE, "-c", &script]).await;
 }
 
 /// A systemd property as `systemctl show` prints it: of `unit`, or of systemd itself.
@@ -176,14 +200,7 @@ async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: 
 async fn minor_upgrade_of_a_control_plane_and_a_worker() {
     let f = fixture("eng-minor", 1, 1, "v1.31.4").await;
     let cp = f.cluster.control_plane().name.clone();
-    let worker = f
-        .cluster
-        .nodes()
-        .iter()
-        .find(|n| n.name != cp)
-        .unwrap()
-        .name
-        .clone();
+    let worker = first_worker(&f);
     let ids_before: Vec<String> = f.cluster.nodes().iter().map(|n| n.id.clone()).collect();
     // A kubelet drop-in changed on the worker and never reloaded: the restart step must re-read
     // the units there (systemd says one changed), though it skips the reload where none did.
@@ -367,14 +384,7 @@ async fn a_kubeadm_failure_reports_the_step_and_the_next_attempt_resumes() {
 async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal() {
     let mut f = fixture("eng-lease", 1, 0, "v1.31.4").await;
     // Renewed every second, so the loss is seen while kubeadm runs.
-    f.engine = Engine::new(
-        Docker::connect().await.unwrap(),
-        Timeouts {
-            node_ready: Duration::from_secs(60),
-            lease: Duration::from_secs(3),
-            ..Timeouts::default()
-        },
-    );
+    f.engine = engine_with_lease(Duration::from_secs(3)).await;
     let cp = f.cluster.control_plane().name.clone();
     f.cluster
         .inject_fault(
@@ -402,19 +412,7 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
         tokio::time::timeout(Duration::from_secs(120), written)
             .await
             .expect("the upgrade writes its journal");
-        stdout(
-            &f,
-            &cp,
-            &[
-                "flock",
-                LOCK_FILE,
-                "-c",
-                &format!(
-                    "printf 'other-upgrader 4102444800\\n' > {LEASE_FILE} && printf other > {journal}"
-                ),
-            ],
-        )
-        .await;
+        take_lease_over(&f, &cp, &format!("printf other > {journal}")).await;
     };
     let (outcome, ()) = tokio::join!(upgrade, take_over);
 
@@ -432,10 +430,7 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
         .await,
         "other"
     );
-    assert_eq!(
-        stdout(&f, &cp, &["cat", LEASE_FILE]).await,
-        "other-upgrader 4102444800"
-    );
+    assert_eq!(stdout(&f, &cp, &["cat", LEASE_FILE]).await, OTHER_LEASE);
     f.cluster.down().await.unwrap();
 }
 
@@ -446,23 +441,9 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
     let mut f = fixture("eng-lease-worker", 1, 1, "v1.31.4").await;
-    f.engine = Engine::new(
-        Docker::connect().await.unwrap(),
-        Timeouts {
-            node_ready: Duration::from_secs(60),
-            lease: Duration::from_secs(600),
-            ..Timeouts::default()
-        },
-    );
+    f.engine = engine_with_lease(Duration::from_secs(600)).await;
     let cp = f.cluster.control_plane().name.clone();
-    let worker = f
-        .cluster
-        .nodes()
-        .iter()
-        .find(|n| n.name != cp)
-        .unwrap()
-        .name
-        .clone();
+    let worker = first_worker(&f);
     let (tx, _rx) = watch::channel(Progress::Queued);
     let outcome = f
         .engine
@@ -500,17 +481,7 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
         tokio::time::timeout(Duration::from_secs(120), restarted)
             .await
             .expect("the upgrade restarts the kubelet");
-        stdout(
-            &f,
-            &worker,
-            &[
-                "flock",
-                LOCK_FILE,
-                "-c",
-                &format!("printf 'other-upgrader 4102444800\\n' > {LEASE_FILE}"),
-            ],
-        )
-        .await;
+        take_lease_over(&f, &worker, "true").await;
     };
     let (outcome, ()) = tokio::join!(upgrade, take_over);
 
@@ -531,10 +502,7 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
         node["spec"]["unschedulable"], true,
         "{worker} was uncordoned"
     );
-    assert_eq!(
-        stdout(&f, &worker, &["cat", LEASE_FILE]).await,
-        "other-upgrader 4102444800"
-    );
+    assert_eq!(stdout(&f, &worker, &["cat", LEASE_FILE]).await, OTHER_LEASE);
     f.cluster.down().await.unwrap();
 }
 
