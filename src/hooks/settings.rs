@@ -15,6 +15,7 @@
 //! message naming the setting: declining is CAPI's safe default (a rollout), while `Failure` would block it.
 //! Unknown settings are ignored, because the same map goes to every hook of the ExtensionConfig.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -126,7 +127,7 @@ impl Settings {
                 })?;
         }
         if let Some(value) = map.get(ARTIFACT_URL) {
-            let source = ArtifactSource::parse(value.trim()).map_err(|_| Error::Invalid {
+            let source = artifact_source(value.trim()).ok_or(Error::Invalid {
                 name: ARTIFACT_URL,
                 expected: "an https://, http:// or file:// base URL laid out like https://dl.k8s.io/release",
             })?;
@@ -168,6 +169,26 @@ impl Settings {
         }
         Ok(settings)
     }
+}
+
+/// The `artifactURL` setting, parsed. CAPI sends the same settings with every call, and
+/// UpdateMachine is polled every few seconds per Machine while it runs; parsing the URL was the
+/// largest part of answering a poll (docs/benchmarks.md, section 1), so each thread keeps the last
+/// text it parsed, and what it parsed to.
+fn artifact_source(text: &str) -> Option<ArtifactSource> {
+    thread_local! {
+        static LAST: RefCell<Option<(String, ArtifactSource)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((parsed, source)) = last.as_ref()
+            && parsed == text
+        {
+            return Some(source.clone());
+        }
+        let source = ArtifactSource::parse(text).ok()?;
+        *last = Some((text.to_owned(), source.clone()));
+        Some(source)
+    })
 }
 
 fn boolean(map: &BTreeMap<String, String>, name: &'static str, default: bool) -> Result<bool> {
@@ -278,6 +299,29 @@ mod test {
         for bad in ["", "5", "m", "5d", "1.5m", "-5m", "5m30"] {
             assert_eq!(parse_go_duration(bad), None, "{bad}");
         }
+    }
+
+    /// Each thread remembers the last `artifactURL` it parsed: the same text gives what parsing
+    /// gives, and any other text is parsed, a bad one refused, in whatever order they come.
+    #[test]
+    fn a_remembered_artifact_url_answers_only_for_the_same_text() {
+        let url =
+            |text: &str| Settings::from_map(&map(&[(ARTIFACT_URL, text)])).map(|s| s.artifact_url);
+        let parsed = |text: &str| Some(ArtifactSource::parse(text).unwrap());
+        for text in [
+            "https://mirror.example/release",
+            "https://mirror.example/release",
+            "file:///srv/release",
+            "https://mirror.example/release",
+        ] {
+            assert_eq!(url(text).unwrap(), parsed(text), "{text}");
+        }
+        assert!(url("https://user:secret@mirror.example/release").is_err());
+        assert!(url("https://mirror.example/release?x").is_err());
+        assert_eq!(
+            url("https://mirror.example/release").unwrap(),
+            parsed("https://mirror.example/release")
+        );
     }
 
     #[test]

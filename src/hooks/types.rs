@@ -106,11 +106,13 @@ impl Patch {
 
 mod base64_bytes {
     use base64::Engine as _;
+    use base64::display::Base64Display;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Written straight into the answer, without a string of its own in between.
     pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&STANDARD.encode(bytes))
+        serializer.collect_str(&Base64Display::new(bytes, &STANDARD))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
