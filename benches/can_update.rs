@@ -16,7 +16,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("can_update_machine decode+decide+encode (30 KB)", |b| {
         b.iter(|| {
             let request = CanUpdateMachineRequest::read(black_box(&body)).expect("decodes");
-            let (response, _) = can_update_machine(&request);
+            let (response, _) = can_update_machine(&request, &|_| None);
             black_box(serde_json::to_vec(&response).expect("encodes"))
         })
     });
@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
     );
     let request = CanUpdateMachineRequest::read(&body).expect("decodes");
     c.bench_function("can_update_machine decide only (30 KB)", |b| {
-        b.iter(|| black_box(can_update_machine(black_box(&request))))
+        b.iter(|| black_box(can_update_machine(black_box(&request), &|_| None)))
     });
 }
 

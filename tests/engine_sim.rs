@@ -109,6 +109,17 @@ async fn units_loaded_at(f: &Fixture, node: &str) -> String {
     systemd_property(f, node, "UnitsLoadTimestampMonotonic", None).await
 }
 
+/// The Node object named `name`, as the simulated API server holds it.
+async fn node_object(f: &Fixture, name: &str) -> serde_json::Value {
+    let nodes = f.cluster.nodes_json().await.unwrap();
+    let items = nodes["items"].as_array().unwrap();
+    let node = items
+        .iter()
+        .find(|n| n["metadata"]["name"] == name)
+        .unwrap();
+    node.clone()
+}
+
 /// Asserts everything a finished upgrade must leave behind on `node`.
 async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: bool) {
     assert_eq!(
@@ -151,13 +162,7 @@ async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: 
             );
         }
     }
-    let nodes = f.cluster.nodes_json().await.unwrap();
-    let object = nodes["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["metadata"]["name"] == node)
-        .unwrap();
+    let object = node_object(f, node).await;
     assert_eq!(object["status"]["nodeInfo"]["kubeletVersion"], version);
     assert_ne!(
         object["spec"]["unschedulable"], true,
@@ -491,13 +496,7 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
         "{error}"
     );
     assert_eq!(error.step, Step::Uncordon, "{error}");
-    let nodes = f.cluster.nodes_json().await.unwrap();
-    let node = nodes["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["metadata"]["name"] == worker.as_str())
-        .unwrap();
+    let node = node_object(&f, &worker).await;
     assert_eq!(
         node["spec"]["unschedulable"], true,
         "{worker} was uncordoned"

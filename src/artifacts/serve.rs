@@ -229,37 +229,14 @@ impl axum::serve::Listener for GuardedListener {
             .acquire_owned()
             .await
             .expect("the permits are never closed");
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    return (GuardedStream::new(stream, permit, self.idle), peer);
-                }
-                // A connection its peer gave up on (or broke) is that connection's error alone.
-                Err(e) if is_connection_error(&e) => {
-                    debug!(error = %e, "a connection ended before the cache server accepted it");
-                }
-                // Out of file descriptors, say: wait rather than spin, as axum does.
-                Err(e) => {
-                    warn!(error = %e, "the cache server cannot accept connections");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+        // axum's own accept: it retries a connection's error at once, and waits out any other.
+        let (stream, peer) = axum::serve::Listener::accept(&mut self.listener).await;
+        (GuardedStream::new(stream, permit, self.idle), peer)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
-}
-
-/// Whether an accept failed because of the one connection, not of this process (axum's list).
-fn is_connection_error(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
 }
 
 /// A connection that fails its reads and writes once no byte has moved either way for `idle`,

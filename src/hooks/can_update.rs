@@ -97,11 +97,18 @@ impl Decision {
     }
 }
 
+/// Why this extension's UpdateMachine would refuse an update with these settings whatever the
+/// Machine (see `UpdateMachineHandler::refuses`), or `None`. A change it would refuse is
+/// declined, so CAPI replaces the Machine instead of retrying an update that cannot start; every
+/// other decline keeps its own message.
+pub type Refuses<'a> = &'a dyn Fn(&Settings) -> Option<String>;
+
 /// Answers CanUpdateMachine; also returns the decision's reason label, for metrics.
 pub fn can_update_machine(
     request: &CanUpdateMachineRequest,
+    refuses: Refuses,
 ) -> (CanUpdateMachineResponse, &'static str) {
-    let decision = machine_decision(request);
+    let decision = machine_decision(request, refuses);
     let mut response = CanUpdateMachineResponse::new(ResponseStatus::Success, decision.message);
     if let Some(patches) = decision.patches {
         response.machine_patch = to_patch(&patches.owner);
@@ -111,10 +118,11 @@ pub fn can_update_machine(
     (response, decision.reason)
 }
 
-fn machine_decision(request: &CanUpdateMachineRequest) -> Decision {
+fn machine_decision(request: &CanUpdateMachineRequest, refuses: Refuses) -> Decision {
     decide(
         &MACHINE,
         &request.settings,
+        refuses,
         Objects {
             owner: request.current.machine.as_ref(),
             infrastructure: request.current.infrastructure_machine.as_ref(),
@@ -131,10 +139,12 @@ fn machine_decision(request: &CanUpdateMachineRequest) -> Decision {
 /// Answers CanUpdateMachineSet; also returns the decision's reason label, for metrics.
 pub fn can_update_machine_set(
     request: &CanUpdateMachineSetRequest,
+    refuses: Refuses,
 ) -> (CanUpdateMachineSetResponse, &'static str) {
     let decision = decide(
         &MACHINE_SET,
         &request.settings,
+        refuses,
         Objects {
             owner: request.current.machine_set.as_ref(),
             infrastructure: request.current.infrastructure_machine_template.as_ref(),
@@ -267,10 +277,11 @@ struct VersionChange {
 fn decide(
     shape: &Shape,
     settings: &std::collections::BTreeMap<String, String>,
+    refuses: Refuses,
     current: Objects<'_>,
     desired: Objects<'_>,
 ) -> Decision {
-    match try_decide(shape, settings, current, desired) {
+    match try_decide(shape, settings, refuses, current, desired) {
         Ok(decision) | Err(decision) => decision,
     }
 }
@@ -279,6 +290,7 @@ fn decide(
 fn try_decide(
     shape: &Shape,
     settings: &std::collections::BTreeMap<String, String>,
+    refuses: Refuses,
     current: Objects<'_>,
     desired: Objects<'_>,
 ) -> Result<Decision, Decision> {
@@ -325,6 +337,12 @@ fn try_decide(
         }
         _ => Vec::new(),
     };
+
+    let patched =
+        !(owner_ops.is_empty() && infrastructure_ops.is_empty() && bootstrap_ops.is_empty());
+    if patched && let Some(message) = refuses(&settings) {
+        return Err(Decision::decline("settings", message));
+    }
 
     let (message, reason) = match version_change {
         Some(change) => (
@@ -869,7 +887,10 @@ mod test {
     /// The decision on a case's request, read as it is served.
     fn run(case: &Case) -> Decision {
         let body = request_body(case).to_string();
-        machine_decision(&CanUpdateMachineRequest::read(body.as_bytes()).unwrap())
+        machine_decision(
+            &CanUpdateMachineRequest::read(body.as_bytes()).unwrap(),
+            &|_| None,
+        )
     }
 
     #[test]
@@ -1229,8 +1250,8 @@ mod test {
             desired: objects("desired"),
             ..Default::default()
         };
-        let answer = can_update_machine(&served);
-        assert_eq!(answer, can_update_machine(&whole), "{body}");
+        let answer = can_update_machine(&served, &|_| None);
+        assert_eq!(answer, can_update_machine(&whole, &|_| None), "{body}");
         answer.0.message
     }
 
@@ -1248,8 +1269,8 @@ mod test {
             desired: objects("desired"),
             ..Default::default()
         };
-        let answer = can_update_machine_set(&served);
-        assert_eq!(answer, can_update_machine_set(&whole), "{body}");
+        let answer = can_update_machine_set(&served, &|_| None);
+        assert_eq!(answer, can_update_machine_set(&whole, &|_| None), "{body}");
         answer.0.message
     }
 
@@ -1453,6 +1474,7 @@ mod test {
         let decision = decide(
             &MACHINE,
             &Default::default(),
+            &|_| None,
             Objects {
                 owner: Some(&object(machine("v1.33.6"))),
                 infrastructure: Some(&object(docker_machine(Some("kindest/node:v1.33.6")))),

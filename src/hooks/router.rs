@@ -7,7 +7,6 @@
 //! No Content-Type is required (CAPI sends none) and the `?timeout=` query is accepted and ignored;
 //! a timeout layer bounds every request below CAPI's 30 s maximum.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,54 +85,51 @@ fn handlers() -> Vec<Handler> {
         Handler {
             hook: Hook::CanUpdateMachine,
             name: "can-update-machine",
-            route: post(|State(state): State<AppState>, body: Body| async move {
-                let state = &state;
+            route: post(|State(state): State<AppState>, body: Body| {
                 serve(
-                    state.metrics(),
+                    state,
                     body,
-                    move |request: CanUpdateMachineRequest| async move {
+                    |state, request: CanUpdateMachineRequest| async move {
+                        let refuses =
+                            |settings: &Settings| state.update_machine().refuses(settings);
                         answer_can_update(
-                            state,
+                            &state,
                             Hook::CanUpdateMachine,
-                            &request.settings,
                             request.current.machine.as_ref(),
-                            can_update_machine(&request),
+                            can_update_machine(&request, &refuses),
                         )
                     },
                 )
-                .await
             }),
         },
         Handler {
             hook: Hook::CanUpdateMachineSet,
             name: "can-update-machineset",
-            route: post(|State(state): State<AppState>, body: Body| async move {
-                let state = &state;
+            route: post(|State(state): State<AppState>, body: Body| {
                 serve(
-                    state.metrics(),
+                    state,
                     body,
-                    move |request: CanUpdateMachineSetRequest| async move {
+                    |state, request: CanUpdateMachineSetRequest| async move {
+                        let refuses =
+                            |settings: &Settings| state.update_machine().refuses(settings);
                         answer_can_update(
-                            state,
+                            &state,
                             Hook::CanUpdateMachineSet,
-                            &request.settings,
                             request.current.machine_set.as_ref(),
-                            can_update_machine_set(&request),
+                            can_update_machine_set(&request, &refuses),
                         )
                     },
                 )
-                .await
             }),
         },
         Handler {
             hook: Hook::UpdateMachine,
             name: "update-machine",
-            route: post(|State(state): State<AppState>, body: Body| async move {
-                let state = &state;
+            route: post(|State(state): State<AppState>, body: Body| {
                 serve(
-                    state.metrics(),
+                    state,
                     body,
-                    move |request: UpdateMachineRequest| async move {
+                    |state, request: UpdateMachineRequest| async move {
                         // Only for the log line, so not built when the log level is above info.
                         let machine = tracing::enabled!(tracing::Level::INFO)
                             .then(|| {
@@ -165,7 +161,6 @@ fn handlers() -> Vec<Handler> {
                         response
                     },
                 )
-                .await
             }),
         },
     ]
@@ -217,20 +212,12 @@ pub fn router(state: AppState, path_prefix: &str) -> Router {
         &hook_path(path_prefix, Hook::Discovery, None),
         post(move |State(state): State<AppState>, body: Body| {
             let discovery = Arc::clone(&discovery);
-            async move {
-                let state = &state;
-                serve(
-                    state.metrics(),
-                    body,
-                    move |_: DiscoveryRequest| async move {
-                        state
-                            .metrics()
-                            .hook_request(Hook::Discovery, HookResult::Success);
-                        DiscoveryResponse::clone(&discovery)
-                    },
-                )
-                .await
-            }
+            serve(state, body, |state, _: DiscoveryRequest| async move {
+                state
+                    .metrics()
+                    .hook_request(Hook::Discovery, HookResult::Success);
+                DiscoveryResponse::clone(&discovery)
+            })
         }),
     );
     for handler in handlers {
@@ -252,23 +239,26 @@ pub fn router(state: AppState, path_prefix: &str) -> Router {
         .with_state(state)
 }
 
-/// Reads, decodes and checks the body, then answers with `answer`, or with a `Failure` saying why not.
+/// Reads, decodes and checks the body, then answers with `answer`, which gets the state back
+/// with the request, or with a `Failure` saying why not.
 async fn serve<Request, Response, Answer, Fut>(
-    metrics: &Metrics,
+    state: AppState,
     body: Body,
     answer: Answer,
 ) -> JsonAnswer<Response>
 where
     Request: HookRequest,
     Response: HookResponse,
-    Answer: FnOnce(Request) -> Fut,
+    Answer: FnOnce(AppState, Request) -> Fut,
     Fut: Future<Output = Response>,
 {
     match decode::<Request>(body).await {
-        Ok(request) => JsonAnswer(answer(request).await),
+        Ok(request) => JsonAnswer(answer(state, request).await),
         Err(message) => {
             warn!(hook = Request::HOOK.name(), message, "rejected request");
-            metrics.hook_request(Request::HOOK, HookResult::Failure);
+            state
+                .metrics()
+                .hook_request(Request::HOOK, HookResult::Failure);
             JsonAnswer(Response::failure(message))
         }
     }
@@ -319,8 +309,6 @@ async fn decode<Request: HookRequest>(body: Body) -> Result<Request, String> {
 trait CanUpdateAnswer: HookResponse {
     /// Whether it patches any object, that is, answers "in place".
     fn patched(&self) -> bool;
-    /// A decline: `Success` with a message and no patches.
-    fn declined(message: String) -> Self;
     fn message(&self) -> &str;
 }
 
@@ -330,10 +318,6 @@ macro_rules! can_update_answer {
         impl CanUpdateAnswer for $response {
             fn patched(&self) -> bool {
                 $(self.$patch.is_some())||+
-            }
-
-            fn declined(message: String) -> Self {
-                Self::new(ResponseStatus::Success, message)
             }
 
             fn message(&self) -> &str {
@@ -360,45 +344,16 @@ can_update_answer!(
     ]
 );
 
-/// Finishes a CanUpdate `decision` (the answer and its reason label): an in-place answer becomes
-/// a decline when this extension's UpdateMachine would refuse the settings (see
-/// [`UpdateMachineHandler::refuses`]), so every other decline (invalid settings,
-/// `disableInPlaceUpdates`, a change that is not a version change) keeps its own message and
-/// reason. Then counts and logs it.
+/// Counts and logs a CanUpdate `decision` (the answer and its reason label), and returns its
+/// answer.
 fn answer_can_update<A: CanUpdateAnswer>(
     state: &AppState,
     hook: Hook,
-    settings: &BTreeMap<String, String>,
     owner: Option<&RequestObject>,
     (answer, reason): (A, &'static str),
 ) -> A {
-    let refusal = answer.patched().then(|| {
-        let settings = Settings::from_map(settings).ok()?;
-        state.update_machine().refuses(&settings)
-    });
-    let (answer, reason) = match refusal.flatten() {
-        Some(message) => (A::declined(message), "settings"),
-        None => (answer, reason),
-    };
-    log_decision(
-        state.metrics(),
-        hook,
-        reason,
-        owner,
-        answer.message(),
-        answer.patched(),
-    );
-    answer
-}
-
-fn log_decision(
-    metrics: &Metrics,
-    hook: Hook,
-    reason: &'static str,
-    owner: Option<&RequestObject>,
-    message: &str,
-    patched: bool,
-) {
+    let metrics = state.metrics();
+    let patched = answer.patched();
     metrics.hook_request(hook, HookResult::Success);
     let outcome = if patched {
         Outcome::InPlace
@@ -412,9 +367,10 @@ fn log_decision(
             .map(RequestObject::namespaced_name)
             .unwrap_or_default(),
         patched,
-        message,
+        message = answer.message(),
         "answered"
     );
+    answer
 }
 
 #[cfg(test)]

@@ -691,8 +691,14 @@ mod tests {
         for known in [&b"[1, [2]]"[..], br#""a\"b""#] {
             let body = [known, b" , 5"].concat();
             let mut scan = Scanner::new(&body);
-            let same = scan.skip_same(known).unwrap();
-            assert_eq!(scan.text(same), known);
+            scan.skip_same(known).unwrap();
+            // Past the value, before the whitespace and what follows it.
+            assert_eq!(scan.at, known.len());
+            assert_eq!(scan.here(), known.len() + 1);
+        }
+        // A value that only starts like the known one is not the same.
+        for (known, body) in [(&br#""a""#[..], &br#""ab""#[..]), (b"[1]", b"[1, 2]")] {
+            assert_eq!(Scanner::new(body).skip_same(known), None);
         }
     }
 }

@@ -444,8 +444,9 @@ fn decode_spec(outline: &'static Outline, body: &[u8], spec: Span) -> Result<Val
 struct ReadObject<'a> {
     partial: RequestObject,
     spec: Option<ReadSpec<'a>>,
-    /// The fields only checked, so that the other side's may be compared with them (metadata and
-    /// status are mostly the same on both sides).
+    /// The fields passed over, in their order (the current owner's metadata among them, though it
+    /// is read), so that the other side's may be compared with them (metadata and status are
+    /// mostly the same on both sides).
     checked: Vec<Field<'a>>,
 }
 
@@ -478,8 +479,12 @@ impl<'a> ReadObject<'a> {
             match &*key {
                 b"apiVersion" => partial.api_version = read_text(scan)?,
                 b"kind" => partial.kind = read_text(scan)?,
+                // Read, and kept among the checked fields, so that the other side's fields are
+                // still compared with the field in their place.
                 b"metadata" if metadata => {
+                    let start = scan.here();
                     (partial.name, partial.namespace) = read_name(scan)?;
+                    checked.push((key, scan.span_from(start)));
                 }
                 b"spec" => {
                     partial.spec = Some(read_along(scan, &reads.spec, &mut spec, known_spec)?);
