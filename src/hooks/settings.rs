@@ -172,9 +172,9 @@ impl Settings {
 }
 
 /// The `artifactURL` setting, parsed. CAPI sends the same settings with every call, and
-/// UpdateMachine is polled every few seconds per Machine while it runs; parsing the URL was the
-/// largest part of answering a poll (docs/benchmarks.md, section 1), so each thread keeps the last
-/// text it parsed, and what it parsed to.
+/// UpdateMachine is polled every few seconds per Machine while it runs; after reading the request,
+/// parsing the URL was the largest part of answering a poll (docs/benchmarks.md, section 1), so
+/// each thread keeps the last text it parsed, and what it parsed to.
 fn artifact_source(text: &str) -> Option<ArtifactSource> {
     thread_local! {
         static LAST: RefCell<Option<(String, ArtifactSource)>> = const { RefCell::new(None) };
