@@ -28,7 +28,7 @@ splice() {
   mv "$doc.tmp" "$doc"
 }
 
-machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), \
+machine="$(nproc) cores ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), \
 Docker Engine $(docker version --format '{{.Server.Version}}') ($(docker info --format '{{.Driver}}')), \
 $(. /etc/os-release && echo "$PRETTY_NAME"), $(uname -r)"
 {
