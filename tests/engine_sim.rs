@@ -20,7 +20,7 @@ use capd_inplace::upgrade::jobs::Progress;
 use capd_inplace::upgrade::journal::{LEASE_FILE, LOCK_FILE};
 use capd_inplace::upgrade::{Engine, NodeTarget, Options, Outcome, Source, Step, Timeouts};
 use capd_inplace_e2e::bench::ExecCounter;
-use capd_inplace_e2e::sim::{Fault, SimCluster};
+use capd_inplace_e2e::sim::{Fault, SimCluster, worker_name};
 use tokio::sync::watch;
 
 struct Fixture {
@@ -72,13 +72,6 @@ async fn engine_with_lease(lease: Duration) -> Engine {
             ..Timeouts::default()
         },
     )
-}
-
-/// The first node of `f` that is not its control plane.
-fn first_worker(f: &Fixture) -> String {
-    let cp = &f.cluster.control_plane().name;
-    let worker = f.cluster.nodes().iter().find(|n| n.name != *cp).unwrap();
-    worker.name.clone()
 }
 
 /// The lease another upgrader holds once it took `node`'s over (see [`take_lease_over`]).
@@ -205,7 +198,7 @@ async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: 
 async fn minor_upgrade_of_a_control_plane_and_a_worker() {
     let f = fixture("eng-minor", 1, 1, "v1.31.4").await;
     let cp = f.cluster.control_plane().name.clone();
-    let worker = first_worker(&f);
+    let worker = worker_name(f.cluster.name(), 0);
     let ids_before: Vec<String> = f.cluster.nodes().iter().map(|n| n.id.clone()).collect();
     // A kubelet drop-in changed on the worker and never reloaded: the restart step must re-read
     // the units there (systemd says one changed), though it skips the reload where none did.
@@ -448,7 +441,7 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
     let mut f = fixture("eng-lease-worker", 1, 1, "v1.31.4").await;
     f.engine = engine_with_lease(Duration::from_secs(600)).await;
     let cp = f.cluster.control_plane().name.clone();
-    let worker = first_worker(&f);
+    let worker = worker_name(f.cluster.name(), 0);
     let (tx, _rx) = watch::channel(Progress::Queued);
     let outcome = f
         .engine

@@ -55,7 +55,7 @@ const KUBELET_LOCAL_MODE_GATE: [&str; 3] = [
 
 /// The decision for one request, before it becomes a wire response.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
+pub(crate) struct Decision {
     /// Short and deterministic; it ends up in CAPI's logs.
     pub message: String,
     /// `None` declines the change.
@@ -66,7 +66,7 @@ pub struct Decision {
 
 /// JSON Patch operations per object; an empty list means "no patch for this object".
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Patches {
+pub(crate) struct Patches {
     /// Machine or MachineSet.
     pub owner: Vec<Operation>,
     /// Infrastructure machine or template.
@@ -78,7 +78,7 @@ pub struct Patches {
 /// One JSON Patch (RFC 6902) operation: `add`, `remove` or `replace`. A struct rather than a JSON
 /// map, so that building and writing one allocates little.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Operation {
+pub(crate) struct Operation {
     pub op: &'static str,
     /// A JSON pointer (RFC 6901) on the whole object.
     pub path: String,
@@ -671,17 +671,18 @@ fn bootstrap_changes(
     let (current_spec, desired_spec) = specs(shape, kind, current, desired)?;
     let mut operations = Vec::new();
     for difference in differences(current_spec, desired_spec) {
-        let field = format!("{kind} {spec_name}.{}", difference.path.join("."));
+        // Named only in a decline: the accepted gate toggle needs no text.
+        let field = || format!("{kind} {spec_name}.{}", difference.path.join("."));
         if !is_kubelet_local_mode_toggle(&difference) {
             return Err(Decision::decline(
                 "not_version_change",
-                format!("{field} changed"),
+                format!("{} changed", field()),
             ));
         }
         if version_change.is_none() {
             return Err(Decision::decline(
                 "not_version_change",
-                format!("{field} changed without a Kubernetes version change"),
+                format!("{} changed without a Kubernetes version change", field()),
             ));
         }
         operations.push(operation(shape.spec_path, &difference));
