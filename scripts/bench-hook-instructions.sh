@@ -29,23 +29,7 @@ for tool in curl jq valgrind callgrind_control callgrind_annotate; do
   command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
 done
 
-work="$(mktemp -d /var/tmp/capd-inplace-bench-instructions.XXXXXX)"
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
-cleanup() {
-  local status=$?
-  stop_server
-  rm -rf "$work"
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+one_server_at_a_time bench-instructions
 
 # Each server gets ports of its own: a port just closed may still be taken for a while. Below the
 # kernel's ephemeral range (32768 and up), where oha's and curl's own ends are.

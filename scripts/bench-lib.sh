@@ -18,3 +18,26 @@ ensure_oha() {
     echo "oha installed in $((SECONDS - start)) s" >&2
   fi
 }
+
+# For the scripts that start one server after another (bench-hook-instructions.sh,
+# profile-hooks.sh): sets `work`, a scratch directory named after $1 and removed on exit, and
+# `server_pid`, the server that `stop_server` and the exit stop.
+one_server_at_a_time() { # scratch directory's name
+  work="$(mktemp -d "/var/tmp/capd-inplace-$1.XXXXXX")"
+  server_pid=""
+  trap one_server_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+one_server_cleanup() {
+  local status=$?
+  stop_server
+  rm -rf "$work"
+  exit "$status"
+}

@@ -25,23 +25,7 @@ for tool in curl jq perf; do
   command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
 done
 
-work="$(mktemp -d /var/tmp/capd-inplace-profile-hooks.XXXXXX)"
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
-cleanup() {
-  local status=$?
-  stop_server
-  rm -rf "$work"
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+one_server_at_a_time profile-hooks
 
 port=$((20000 + RANDOM % 12000))
 url=""
