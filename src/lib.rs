@@ -7,6 +7,7 @@
 
 pub mod artifacts;
 pub mod hooks;
+mod idle;
 pub mod node;
 pub mod telemetry;
 pub mod upgrade;

@@ -411,6 +411,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_bind_address: server::parse_optional_bind_address(&args.health_probe_bind_address)?,
         reload_interval: Duration::from_secs(args.cert_reload_seconds),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+        idle_timeout: server::IDLE_TIMEOUT,
     };
     let grace = config.shutdown_grace;
     let metrics = Metrics::new();

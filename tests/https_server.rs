@@ -5,9 +5,14 @@
 
 mod common;
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use capd_inplace::hooks::server;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
 use serde_json::Value;
 
 #[tokio::test]
@@ -176,4 +181,56 @@ async fn health_probes_and_graceful_shutdown() {
             .await
             .is_err()
     );
+}
+
+/// A client that says nothing after the TLS handshake, or stalls in its headers, is cut off once
+/// nothing has moved for the idle timeout, and not before.
+#[tokio::test]
+async fn a_connection_on_which_nothing_moves_is_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = common::write_certificate(dir.path());
+    let timeout = Duration::from_millis(500);
+    let server = common::TestServer::start(server::ServeConfig {
+        idle_timeout: timeout,
+        ..common::config(dir.path())
+    })
+    .await;
+    let mut tls = common::tls_config(&certificate.ca_pem, None);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = Arc::new(tls);
+    let partial_headers = format!(
+        "POST {}/discovery HTTP/1.1\r\nHost: localhost\r\n",
+        common::BASE
+    );
+    for sent in [String::new(), partial_headers] {
+        let (address, tls, what) = (server.hooks, Arc::clone(&tls), sent.clone());
+        let (answer, open_for) = tokio::task::spawn_blocking(move || {
+            let socket = TcpStream::connect(address).unwrap();
+            // Bounds the test if the server never closes.
+            socket
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut stream = StreamOwned::new(ClientConnection::new(tls, name).unwrap(), socket);
+            while stream.conn.is_handshaking() {
+                stream.conn.complete_io(&mut stream.sock).unwrap();
+            }
+            stream.write_all(sent.as_bytes()).unwrap();
+            stream.flush().unwrap();
+            let started = Instant::now();
+            let mut byte = [0; 1];
+            // A close reads as the end of the stream, or as an error where the server sent no
+            // close_notify first; anything read would be an answer.
+            let answer = stream.read(&mut byte).ok().filter(|read| *read > 0);
+            (answer, started.elapsed())
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, None, "{what:?}: the server answered");
+        assert!(
+            open_for >= timeout - Duration::from_millis(100) && open_for < Duration::from_secs(5),
+            "{what:?}: closed after {open_for:?}, the timeout being {timeout:?}"
+        );
+    }
+    server.stop().await.unwrap();
 }

@@ -16,14 +16,11 @@
 //! nodes themselves.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -32,15 +29,14 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Sleep};
 use tokio_util::io::ReaderStream;
 use tracing::{debug, warn};
 
 use super::{CachedArtifact, Error, Result};
+use crate::idle::IdleTimeout;
 
 /// Read size when streaming a blob: large enough that a 200 MB set costs few system calls.
 const CHUNK: usize = 256 * 1024;
@@ -212,7 +208,8 @@ async fn blob(State(shared): State<Arc<Shared>>, Path(digest): Path<String>) -> 
 }
 
 /// The cache server's listener: accepts a connection only with one of the [`Limits`]'
-/// connection permits in hand, and hands it out as a [`GuardedStream`].
+/// connection permits in hand, and hands it out as an [`IdleTimeout`] stream that holds the
+/// permit until the connection ends.
 struct GuardedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,
@@ -220,10 +217,10 @@ struct GuardedListener {
 }
 
 impl axum::serve::Listener for GuardedListener {
-    type Io = GuardedStream;
+    type Io = IdleTimeout<TcpStream, OwnedSemaphorePermit>;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
         // The permit comes first: connections over the limit wait in the backlog, unaccepted.
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
@@ -231,7 +228,7 @@ impl axum::serve::Listener for GuardedListener {
             .expect("the permits are never closed");
         // axum's own accept: it retries a connection's error at once, and waits out any other.
         let (stream, peer) = axum::serve::Listener::accept(&mut self.listener).await;
-        (GuardedStream::new(stream, permit, self.idle), peer)
+        (IdleTimeout::new(stream, self.idle, permit), peer)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -239,123 +236,11 @@ impl axum::serve::Listener for GuardedListener {
     }
 }
 
-/// A connection that fails its reads and writes once no byte has moved either way for `idle`,
-/// and holds its connection permit until dropped. The timer is moved only when a read or write
-/// must wait, not at every byte, so a busy download costs a clock read per chunk.
-struct GuardedStream {
-    stream: TcpStream,
-    idle: Duration,
-    last_progress: Instant,
-    timer: Pin<Box<Sleep>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl GuardedStream {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
-        let now = Instant::now();
-        Self {
-            stream,
-            idle,
-            last_progress: now,
-            timer: Box::pin(tokio::time::sleep_until(now + idle)),
-            _permit: permit,
-        }
-    }
-
-    /// After a read or write that must wait: an error once nothing has moved for `idle`, else
-    /// pending, with the timer set to wake this task when that time comes.
-    fn poll_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let due = self.last_progress + self.idle;
-        if self.timer.deadline() != due {
-            self.timer.as_mut().reset(due);
-        }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no byte moved on the connection for {} s",
-                    self.idle.as_secs_f64()
-                ),
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    /// What a read or write answered: progress when it moved bytes, the idle check when it
-    /// must wait.
-    fn moved<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-        progress: impl FnOnce(&T) -> bool,
-    ) -> Poll<io::Result<T>> {
-        match polled {
-            Poll::Ready(Ok(value)) => {
-                if progress(&value) {
-                    self.last_progress = Instant::now();
-                }
-                Poll::Ready(Ok(value))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => self.poll_idle(cx),
-        }
-    }
-}
-
-impl AsyncRead for GuardedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let read = buf.filled().len() > before;
-        this.moved(cx, polled, |()| read)
-    }
-}
-
-impl AsyncWrite for GuardedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.moved(cx, polled, |&written| written > 0)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.moved(cx, polled, |&written| written > 0)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.stream).poll_flush(cx);
-        this.moved(cx, polled, |()| false)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
 
     async fn get(url: &str) -> (u16, Vec<u8>) {
         let response = reqwest::get(url).await.unwrap();

@@ -5,6 +5,7 @@
 //! swapped in; a half-written or invalid pair is logged and the old config kept. An optional client CA
 //! turns on mutual TLS. The crypto provider is always rustls' `ring`, passed explicitly.
 //! `--dev-self-signed` writes a throwaway CA and a localhost certificate with rcgen.
+//! A connection on which nothing has moved for [`IDLE_TIMEOUT`] is closed.
 //! Shutdown stops accepting, then lets in-flight calls finish for a bounded time.
 
 use std::future::Future;
@@ -19,15 +20,18 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::Accept;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::router::{AppState, router};
+use crate::idle::IdleTimeout;
 
 /// Certificate file name in the cert dir (controller-runtime convention).
 pub const CERT_FILE: &str = "tls.crt";
@@ -91,7 +95,18 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// How long in-flight calls may take after shutdown starts.
     pub shutdown_grace: Duration,
+    /// How long a connection may stay open with no byte moving either way; see
+    /// [`IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
 }
+
+/// The [`ServeConfig::idle_timeout`] of `serve`. It closes a connection that says nothing after
+/// the TLS handshake, stalls in a request, or is left idle between requests, so that whatever
+/// reaches the port cannot hold connections for ever. It is longer than a client's own idle
+/// timeout (90 s in Go's HTTP client, which CAPI uses, for HTTP/2 as for HTTP/1.1), so a client
+/// closes an idle connection first and never sends a request on one the server has just closed.
+/// No call takes that long: a hook answers within CAPI's 30 s at most.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces, IPv4). `localhost` is 127.0.0.1;
 /// other names are refused so that no DNS lookup decides where the server listens.
@@ -337,6 +352,23 @@ pub fn generate_dev_certificate(names: &[&str]) -> Result<GeneratedCertificate> 
     })
 }
 
+/// Hands each accepted TCP connection to TLS as an [`IdleTimeout`] stream, so that the timer
+/// covers the handshake, the requests and the idle time between them alike.
+#[derive(Debug, Clone, Copy)]
+struct IdleAcceptor {
+    idle: Duration,
+}
+
+impl<S> Accept<TcpStream, S> for IdleAcceptor {
+    type Stream = IdleTimeout<TcpStream>;
+    type Service = S;
+    type Future = std::future::Ready<io::Result<(Self::Stream, S)>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        std::future::ready(Ok((IdleTimeout::new(stream, self.idle, ()), service)))
+    }
+}
+
 /// A started server: its addresses, and the tasks behind them.
 pub struct Running {
     pub hooks_address: SocketAddr,
@@ -369,9 +401,13 @@ pub async fn start(config: ServeConfig, state: AppState) -> Result<Running> {
     let hooks_address = listener.local_addr().map_err(Error::Serve)?;
     let handle = Handle::new();
     let app = router(state, &config.path_prefix);
+    let acceptor = RustlsAcceptor::new(tls).acceptor(IdleAcceptor {
+        idle: config.idle_timeout,
+    });
     let server = tokio::spawn(
-        axum_server::from_tcp_rustls(listener, tls)
+        axum_server::from_tcp(listener)
             .map_err(Error::Serve)?
+            .acceptor(acceptor)
             .handle(handle.clone())
             .serve(app.into_make_service())
             .instrument(info_span!("hooks server", address = %hooks_address)),

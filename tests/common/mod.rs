@@ -43,6 +43,7 @@ pub fn config(cert_dir: &Path) -> ServeConfig {
         health_bind_address: Some("127.0.0.1:0".parse().unwrap()),
         reload_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(2),
+        idle_timeout: server::IDLE_TIMEOUT,
     }
 }
 
@@ -110,6 +111,18 @@ impl TestServer {
 
 /// A client that trusts only `ca_pem`, optionally presenting a client certificate.
 pub fn client(ca_pem: &str, identity: Option<&GeneratedCertificate>) -> reqwest::Client {
+    let mut tls = tls_config(ca_pem, identity);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// TLS settings that trust only `ca_pem`, optionally presenting a client certificate; no ALPN.
+pub fn tls_config(ca_pem: &str, identity: Option<&GeneratedCertificate>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -119,7 +132,7 @@ pub fn client(ca_pem: &str, identity: Option<&GeneratedCertificate>) -> reqwest:
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
-    let mut tls = match identity {
+    match identity {
         Some(identity) => {
             let chain: Vec<_> = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
                 .map(Result::unwrap)
@@ -128,12 +141,5 @@ pub fn client(ca_pem: &str, identity: Option<&GeneratedCertificate>) -> reqwest:
             builder.with_client_auth_cert(chain, key).unwrap()
         }
         None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .unwrap()
+    }
 }
