@@ -2,9 +2,11 @@
 # Where each server's CPU goes per CanUpdateMachine request, by part of the stack: the extension,
 # the ceiling server and the validating ceiling of `scripts/bench-hooks.sh`, each sampled with
 # `perf record -e cpu-clock` (no hardware counters needed) while oha loads it at concurrency 16.
-# Samples are sorted into parts by symbol name and divided by the requests served, so the three
-# columns can be read against each other. perf's sampling inflates every figure a little, and one
-# run moves by a tenth on a shared machine: compare columns of one run, not runs.
+# Samples are sorted into parts by symbol name (a generic function counts in the first part its
+# name matches, in the order of `part` below) and divided by the requests served, so the three
+# columns can be read against each other. Sampling inflates every figure (by a quarter to a third
+# against the CPU time bench-hooks.sh counts), and one run moves by a tenth on a shared machine:
+# compare the columns of one run, not runs.
 #
 # Not part of `make bench` (perf is not on every machine, and this is analysis, not a figure with
 # an aim). Prints a Markdown table on stdout; progress on stderr. Needs perf (installed from
@@ -36,9 +38,11 @@ post() { curl -fsS --cacert "$certs/ca.crt" --data-binary "@$work/request.json" 
 wait_answering() {
   for _ in $(seq 100); do
     post >/dev/null 2>&1 && return
+    kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.1
   done
-  log "the server on $url does not answer"
+  log "the server on $url does not answer; its log:"
+  tail -n 20 "$work/server.log" >&2
   exit 1
 }
 
@@ -89,13 +93,13 @@ profile() { # name start-args...
   local perf_pid=$!
   requests="$("$oha" --no-tui --output-format json --cacert "$certs/ca.crt" -m POST \
     -D "$work/request.json" -c 16 -z "${DURATION}s" "$url" | jq '[.statusCodeDistribution[]] | add')"
-  wait "$perf_pid"
+  wait "$perf_pid" || { log "perf failed:"; cat "$work/perf.log" >&2; exit 1; }
   stop_server
   log "$name: $requests requests in ${DURATION} s"
   perf report -i "$work/$name.data" --no-children --sort dso,symbol -g none -F sample,dso,symbol \
     2>/dev/null | grep -v '^#' | grep -v '^$' |
     awk -v requests="$requests" -v hz="$FREQUENCY" "$classify"'
-      { symbol = ""; for (i = 3; i <= NF; i++) symbol = symbol " " $i
+      { symbol = $4; for (i = 5; i <= NF; i++) symbol = symbol " " $i
         samples[part($2, symbol)] += $1 }
       END { for (p in samples) printf "%s %.1f\n", p, samples[p] / hz * 1e6 / requests }' \
     >"$work/$name"

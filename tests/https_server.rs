@@ -183,21 +183,47 @@ async fn health_probes_and_graceful_shutdown() {
     );
 }
 
+/// A server whose connections time out after `idle`, and TLS settings for a raw HTTP/1.1 client.
+async fn idle_timeout_server(
+    dir: &std::path::Path,
+    idle: Duration,
+) -> (common::TestServer, Arc<rustls::ClientConfig>) {
+    let certificate = common::write_certificate(dir);
+    let server = common::TestServer::start(server::ServeConfig {
+        idle_timeout: idle,
+        ..common::config(dir)
+    })
+    .await;
+    let mut tls = common::tls_config(&certificate.ca_pem, None);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (server, Arc::new(tls))
+}
+
+/// A TLS connection to `address` with its handshake done; reads give up after 10 s, which
+/// bounds a test whose server never closes.
+fn tls_connection(
+    address: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> StreamOwned<ClientConnection, TcpStream> {
+    let socket = TcpStream::connect(address).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut stream = StreamOwned::new(ClientConnection::new(tls, name).unwrap(), socket);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}
+
 /// A client that says nothing after the TLS handshake, or stalls in its headers, is cut off once
 /// nothing has moved for the idle timeout, and not before.
 #[tokio::test]
 async fn a_connection_on_which_nothing_moves_is_closed_after_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let certificate = common::write_certificate(dir.path());
     let timeout = Duration::from_millis(500);
-    let server = common::TestServer::start(server::ServeConfig {
-        idle_timeout: timeout,
-        ..common::config(dir.path())
-    })
-    .await;
-    let mut tls = common::tls_config(&certificate.ca_pem, None);
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tls = Arc::new(tls);
+    let (server, tls) = idle_timeout_server(dir.path(), timeout).await;
     let partial_headers = format!(
         "POST {}/discovery HTTP/1.1\r\nHost: localhost\r\n",
         common::BASE
@@ -205,16 +231,7 @@ async fn a_connection_on_which_nothing_moves_is_closed_after_the_idle_timeout() 
     for sent in [String::new(), partial_headers] {
         let (address, tls, what) = (server.hooks, Arc::clone(&tls), sent.clone());
         let (answer, open_for) = tokio::task::spawn_blocking(move || {
-            let socket = TcpStream::connect(address).unwrap();
-            // Bounds the test if the server never closes.
-            socket
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let name = ServerName::try_from("localhost").unwrap();
-            let mut stream = StreamOwned::new(ClientConnection::new(tls, name).unwrap(), socket);
-            while stream.conn.is_handshaking() {
-                stream.conn.complete_io(&mut stream.sock).unwrap();
-            }
+            let mut stream = tls_connection(address, tls);
             stream.write_all(sent.as_bytes()).unwrap();
             stream.flush().unwrap();
             let started = Instant::now();
@@ -233,4 +250,61 @@ async fn a_connection_on_which_nothing_moves_is_closed_after_the_idle_timeout() 
         );
     }
     server.stop().await.unwrap();
+}
+
+/// A keep-alive connection that asks again before the idle timeout is kept, however long it
+/// lives in all.
+#[tokio::test]
+async fn a_connection_in_use_outlives_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_millis(500);
+    let (server, tls) = idle_timeout_server(dir.path(), timeout).await;
+    let body =
+        r#"{"apiVersion":"hooks.runtime.cluster.x-k8s.io/v1alpha1","kind":"DiscoveryRequest"}"#;
+    let request = format!(
+        "POST {}/discovery HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        common::BASE,
+        body.len()
+    );
+    let address = server.hooks;
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut stream = tls_connection(address, tls);
+        let started = Instant::now();
+        let mut statuses = Vec::new();
+        // Four calls 350 ms apart: the connection lives twice the timeout.
+        for _ in 0..4 {
+            stream.write_all(request.as_bytes()).unwrap();
+            stream.flush().unwrap();
+            statuses.push(read_answer(&mut stream));
+            std::thread::sleep(Duration::from_millis(350));
+        }
+        assert!(started.elapsed() > 2 * timeout);
+        statuses
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, vec!["HTTP/1.1 200 OK"; 4]);
+    server.stop().await.unwrap();
+}
+
+/// Reads one HTTP/1.1 answer with a Content-Length; returns its status line.
+fn read_answer(stream: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "the connection closed");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|n| n.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).unwrap();
+    head.lines().next().unwrap().to_owned()
 }

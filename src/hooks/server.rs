@@ -102,10 +102,11 @@ pub struct ServeConfig {
 
 /// The [`ServeConfig::idle_timeout`] of `serve`. It closes a connection that says nothing after
 /// the TLS handshake, stalls in a request, or is left idle between requests, so that whatever
-/// reaches the port cannot hold connections for ever. It is longer than a client's own idle
-/// timeout (90 s in Go's HTTP client, which CAPI uses, for HTTP/2 as for HTTP/1.1), so a client
-/// closes an idle connection first and never sends a request on one the server has just closed.
-/// No call takes that long: a hook answers within CAPI's 30 s at most.
+/// reaches the port cannot hold connections for ever. A client that keeps connections for reuse
+/// drops idle ones sooner (Go's HTTP client, which CAPI uses, after 90 s, for HTTP/2 as for
+/// HTTP/1.1, and it pings idle HTTP/2 connections every 30 s), so it closes first and never sends
+/// a request on a connection the server has just closed; one that opens a connection per call
+/// leaves the old ones to this timeout. No call takes that long: CAPI waits 30 s at most.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces, IPv4). `localhost` is 127.0.0.1;
