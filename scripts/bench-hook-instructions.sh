@@ -59,23 +59,11 @@ ceiling() { # [--validate-json]: the ceiling server
     >>"$work/server.log" 2>&1 &
   server_pid=$!
 }
-post() { curl -fsS --cacert "$certs/ca.crt" --data-binary "@$work/request.json" "$url"; }
-wait_answering() { # under valgrind a start takes seconds
-  for _ in $(seq 300); do
-    post >/dev/null 2>&1 && return
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.2
-  done
-  log "the server does not answer; its log:"
-  grep -v '^ *[0-9]*: \|^ *at ' "$work/server.log" | tail -n 20 >&2
-  exit 1
-}
-
 # The extension once without valgrind: it writes the dev certificate and gives the answer the
 # ceilings repeat, which must be an in-place decision.
 serve
-wait_answering
-post >"$work/answer.json"
+await_server 60
+post_request >"$work/answer.json"
 jq -e '.status == "Success" and .machinePatch != null' "$work/answer.json" >/dev/null ||
   { log "CanUpdateMachine did not answer in place: $(cat "$work/answer.json")"; exit 1; }
 stop_server
@@ -96,7 +84,7 @@ count() { # name start-function args...
   shift
   wrapper=(valgrind --tool=callgrind --callgrind-out-file="$out" -q)
   "$@"
-  wait_answering
+  await_server 60
   oha_requests "$WARM_UP"
   callgrind_control -z "$server_pid" >>"$work/callgrind_control.log" 2>&1 ||
     { log "callgrind_control could not zero the counters of $name"; exit 1; }

@@ -21,7 +21,8 @@ ensure_oha() {
 
 # For the scripts that start one server after another (bench-hook-instructions.sh,
 # profile-hooks.sh): sets `work`, a scratch directory named after $1 and removed on exit, and
-# `server_pid`, the server that `stop_server` and the exit stop.
+# `server_pid`, the server that `stop_server` and the exit stop. The server is at `url`, trusts
+# `certs`/ca.crt and logs to $work/server.log; the request is $work/request.json.
 one_server_at_a_time() { # scratch directory's name
   work="$(mktemp -d "/var/tmp/capd-inplace-$1.XXXXXX")"
   server_pid=""
@@ -40,4 +41,20 @@ one_server_cleanup() {
   stop_server
   rm -rf "$work"
   exit "$status"
+}
+
+# POSTs the request to the server; its answer on stdout.
+post_request() { curl -fsS --cacert "$certs/ca.crt" --data-binary "@$work/request.json" "$url"; }
+
+# Waits up to $1 seconds for the server to answer, or fails with its log's tail.
+await_server() { # seconds
+  local deadline=$((SECONDS + $1))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    post_request >/dev/null 2>&1 && return
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "the server on $url does not answer; its log:" >&2
+  grep -v '^ *[0-9]*: \|^ *at ' "$work/server.log" | tail -n 20 >&2
+  exit 1
 }

@@ -34,18 +34,6 @@ url=""
 certs="$work/certs"
 mkdir -p "$work/no-mirror"
 "$bin/bench-setup" can-update-request "$work/request.json"
-post() { curl -fsS --cacert "$certs/ca.crt" --data-binary "@$work/request.json" "$url"; }
-wait_answering() {
-  for _ in $(seq 100); do
-    post >/dev/null 2>&1 && return
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  log "the server on $url does not answer; its log:"
-  tail -n 20 "$work/server.log" >&2
-  exit 1
-}
-
 # Each server on a port of its own: a port just closed may still be taken for a while.
 start() { # extension | ceiling [--validate-json]
   port=$((port + 2))
@@ -62,7 +50,7 @@ start() { # extension | ceiling [--validate-json]
       >>"$work/server.log" 2>&1 &
   fi
   server_pid=$!
-  wait_answering
+  await_server 10
 }
 
 # The part of the stack a sampled symbol belongs to, in the order the table shows them.
@@ -108,7 +96,7 @@ profile() { # name start-args...
 # The extension once without perf: it writes the dev certificate and gives the answer the
 # ceilings repeat.
 start extension
-post >"$work/answer.json"
+post_request >"$work/answer.json"
 stop_server
 
 profile extension extension
