@@ -12,8 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// A connection that fails its reads and writes once no byte has moved either way for `idle`,
-/// and holds `K` (a connection permit, say) until dropped. The timer is moved only when a read
-/// or write must wait, not at every byte, so a busy download costs a clock read per chunk.
+/// and holds `K` (a connection permit, say) until dropped. Moving bytes only notes the time (a
+/// clock read); the timer is moved only when it fires and bytes have moved since it was set, so
+/// a busy connection touches the runtime's timer about once per `idle`, not at every wait.
 pub(crate) struct IdleTimeout<S, K = ()> {
     stream: S,
     idle: Duration,
@@ -35,22 +36,23 @@ impl<S, K> IdleTimeout<S, K> {
     }
 
     /// After a read or write that must wait: an error once nothing has moved for `idle`, else
-    /// pending, with the timer set to wake this task when that time comes.
+    /// pending, with the timer set to wake this task by then.
     fn poll_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let due = self.last_progress + self.idle;
-        if self.timer.deadline() != due {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let due = self.last_progress + self.idle;
+            if due <= self.timer.deadline() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no byte moved on the connection for {} s",
+                        self.idle.as_secs_f64()
+                    ),
+                )));
+            }
+            // Bytes moved since the timer was set: it fired early, so it waits on from there.
             self.timer.as_mut().reset(due);
         }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no byte moved on the connection for {} s",
-                    self.idle.as_secs_f64()
-                ),
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+        Poll::Pending
     }
 
     /// What a read or write answered: progress when it moved bytes, the idle check when it

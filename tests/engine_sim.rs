@@ -74,6 +74,33 @@ async fn engine_with_lease(lease: Duration) -> Engine {
     )
 }
 
+/// Polls `argv` in `node` until its output satisfies `done`; after 120 s, fails the test saying
+/// that `expected` did not happen.
+async fn wait_for_output(
+    f: &Fixture,
+    node: &str,
+    argv: &[&str],
+    done: impl Fn(&str) -> bool,
+    expected: &str,
+) {
+    let waited = async {
+        while !done(&stdout(f, node, argv).await) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), waited)
+        .await
+        .expect(expected);
+}
+
+/// A fault that holds a simulated command for `time` before it runs.
+fn delay(time: Duration) -> Fault {
+    Fault {
+        delay_ms: Some(time.as_millis() as u64),
+        ..Fault::default()
+    }
+}
+
 /// The lease another upgrader holds once it took `node`'s over (see [`take_lease_over`]).
 const OTHER_LEASE: &str = "other-upgrader 4102444800";
 
@@ -385,11 +412,7 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
     f.engine = engine_with_lease(Duration::from_secs(3)).await;
     let cp = f.cluster.control_plane().name.clone();
     f.cluster
-        .inject_fault(
-            &cp,
-            "kubeadm-upgrade-apply",
-            &serde_json::from_str::<Fault>(r#"{"delay_ms":5000}"#).unwrap(),
-        )
+        .inject_fault(&cp, "kubeadm-upgrade-apply", &delay(Duration::from_secs(5)))
         .await
         .unwrap();
     let (tx, _rx) = watch::channel(Progress::Queued);
@@ -399,17 +422,16 @@ async fn an_upgrade_that_lost_its_lease_stops_and_leaves_the_new_holders_journal
         // The journal exists once the upgrade has changed the node; then another upgrader takes
         // the lease over, under the lease lock as upgraders do, and writes its own journal.
         let journal = "/var/lib/capd-inplace/v1.32.3/journal.json";
-        let written = async {
-            while stdout(&f, &cp, &["sh", "-c", &format!("cat {journal} || true")])
-                .await
-                .is_empty()
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(120), written)
-            .await
-            .expect("the upgrade writes its journal");
+        let read_journal = ["sh", "-c", &format!("cat {journal} || true")];
+        let written = |journal: &str| !journal.is_empty();
+        wait_for_output(
+            &f,
+            &cp,
+            &read_journal,
+            written,
+            "the upgrade writes its journal",
+        )
+        .await;
         take_lease_over(&f, &cp, &format!("printf other > {journal}")).await;
     };
     let (outcome, ()) = tokio::join!(upgrade, take_over);
@@ -453,11 +475,7 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
     // after its last change in the worker (the restart, whose exec checks the lease first); the
     // lease passes to another as soon as systemd has started the new kubelet.
     f.cluster
-        .inject_fault(
-            &worker,
-            "kubelet",
-            &serde_json::from_str::<Fault>(r#"{"delay_ms":8000}"#).unwrap(),
-        )
+        .inject_fault(&worker, "kubelet", &delay(Duration::from_secs(8)))
         .await
         .unwrap();
     let kubelet_run = [
@@ -471,14 +489,15 @@ async fn an_upgrader_that_lost_a_workers_lease_leaves_it_cordoned() {
     let worker_target = target(&f, &worker, "v1.31.9");
     let upgrade = f.engine.upgrade(&worker_target, &f.options, &tx);
     let take_over = async {
-        let restarted = async {
-            while stdout(&f, &worker, &kubelet_run).await == first_run {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(120), restarted)
-            .await
-            .expect("the upgrade restarts the kubelet");
+        let restarted = |run: &str| run != first_run;
+        wait_for_output(
+            &f,
+            &worker,
+            &kubelet_run,
+            restarted,
+            "the upgrade restarts the kubelet",
+        )
+        .await;
         take_lease_over(&f, &worker, "true").await;
     };
     let (outcome, ()) = tokio::join!(upgrade, take_over);
