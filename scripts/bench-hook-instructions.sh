@@ -31,37 +31,9 @@ done
 
 one_server_at_a_time bench-instructions
 
-# Each server gets ports of its own: a port just closed may still be taken for a while. Below the
-# kernel's ephemeral range (32768 and up), where oha's and curl's own ends are.
-new_ports() {
-  port=$((20000 + RANDOM % 12000))
-  health_port=$((port + 1))
-  url="https://127.0.0.1:$port/hooks.runtime.cluster.x-k8s.io/v1alpha1/canupdatemachine/can-update-machine"
-}
-certs="$work/certs"
-mkdir -p "$work/no-mirror"
-"$bin/bench-setup" can-update-request "$work/request.json"
-
-# The servers run under the command words in `wrapper` (none, or valgrind's).
-wrapper=()
-serve() { # the extension as bench-hooks.sh starts it
-  new_ports
-  RUST_LOG=warn "${wrapper[@]}" "$bin/capd-inplace" serve \
-    --bind-address "127.0.0.1:$port" --cert-dir "$certs" --dev-self-signed \
-    --health-probe-bind-address "127.0.0.1:$health_port" --metrics-bind-address 0 \
-    --artifact-url "file://$work/no-mirror" --artifact-cache-dir "$work/cache" \
-    >>"$work/server.log" 2>&1 &
-  server_pid=$!
-}
-ceiling() { # [--validate-json]: the ceiling server
-  new_ports
-  "${wrapper[@]}" "$bin/bench-ceiling" "127.0.0.1:$port" "$certs" "$work/answer.json" "$@" \
-    >>"$work/server.log" 2>&1 &
-  server_pid=$!
-}
 # The extension once without valgrind: it writes the dev certificate and gives the answer the
 # ceilings repeat, which must be an in-place decision.
-serve
+start_server extension
 await_server 60
 post_request >"$work/answer.json"
 jq -e '.status == "Success" and .machinePatch != null' "$work/answer.json" >/dev/null ||
@@ -100,11 +72,11 @@ count() { # name start-function args...
 
 log "counting the ceiling, the validating ceiling and the extension, $REQUESTS requests each"
 start=$SECONDS
-count ceiling ceiling
+count ceiling start_server ceiling
 plain=$counted
-count validating ceiling --validate-json
+count validating start_server ceiling --validate-json
 validating=$counted
-count extension serve
+count extension start_server extension
 extension=$counted
 log "done in $((SECONDS - start)) s"
 

@@ -20,15 +20,42 @@ ensure_oha() {
 }
 
 # For the scripts that start one server after another (bench-hook-instructions.sh,
-# profile-hooks.sh): sets `work`, a scratch directory named after $1 and removed on exit, and
-# `server_pid`, the server that `stop_server` and the exit stop. The server is at `url`, trusts
-# `certs`/ca.crt and logs to $work/server.log; the request is $work/request.json.
+# profile-hooks.sh): sets `work`, a scratch directory named after $1 and removed on exit, with
+# the CanUpdateMachine request of the load test in $work/request.json; `certs`, where the
+# extension writes its dev certificate; and `server_pid`, the server that `stop_server` and the
+# exit stop. Each server logs to $work/server.log.
 one_server_at_a_time() { # scratch directory's name
   work="$(mktemp -d "/var/tmp/capd-inplace-$1.XXXXXX")"
   server_pid=""
   trap one_server_cleanup EXIT
   trap 'exit 130' INT TERM
+  certs="$work/certs"
+  mkdir -p "$work/no-mirror"
+  "$bin/bench-setup" can-update-request "$work/request.json"
 }
+
+# The command words the servers run under (none, or valgrind's).
+wrapper=()
+# Starts the extension as bench-hooks.sh does, or a ceiling server answering $work/answer.json,
+# on a port of its own (a port just closed may still be taken for a while; below the kernel's
+# ephemeral range, where the clients' own ends are); sets `url` and `server_pid`.
+start_server() { # extension | ceiling [--validate-json]
+  local port=$((20000 + RANDOM % 12000))
+  if [ "$1" = extension ]; then
+    url="https://127.0.0.1:$port/hooks.runtime.cluster.x-k8s.io/v1alpha1/canupdatemachine/can-update-machine"
+    RUST_LOG=warn "${wrapper[@]}" "$bin/capd-inplace" serve \
+      --bind-address "127.0.0.1:$port" --cert-dir "$certs" --dev-self-signed \
+      --health-probe-bind-address "127.0.0.1:$((port + 1))" --metrics-bind-address 0 \
+      --artifact-url "file://$work/no-mirror" --artifact-cache-dir "$work/cache" \
+      >>"$work/server.log" 2>&1 &
+  else
+    url="https://127.0.0.1:$port/"
+    "${wrapper[@]}" "$bin/bench-ceiling" "127.0.0.1:$port" "$certs" "$work/answer.json" "${@:2}" \
+      >>"$work/server.log" 2>&1 &
+  fi
+  server_pid=$!
+}
+
 stop_server() {
   if [ -n "$server_pid" ]; then
     kill "$server_pid" 2>/dev/null || true

@@ -29,27 +29,8 @@ done
 
 one_server_at_a_time profile-hooks
 
-port=$((20000 + RANDOM % 12000))
-url=""
-certs="$work/certs"
-mkdir -p "$work/no-mirror"
-"$bin/bench-setup" can-update-request "$work/request.json"
-# Each server on a port of its own: a port just closed may still be taken for a while.
 start() { # extension | ceiling [--validate-json]
-  port=$((port + 2))
-  if [ "$1" = extension ]; then
-    url="https://127.0.0.1:$port/hooks.runtime.cluster.x-k8s.io/v1alpha1/canupdatemachine/can-update-machine"
-    RUST_LOG=warn "$bin/capd-inplace" serve \
-      --bind-address "127.0.0.1:$port" --cert-dir "$certs" --dev-self-signed \
-      --health-probe-bind-address "127.0.0.1:$((port + 1))" --metrics-bind-address 0 \
-      --artifact-url "file://$work/no-mirror" --artifact-cache-dir "$work/cache" \
-      >>"$work/server.log" 2>&1 &
-  else
-    url="https://127.0.0.1:$port/"
-    "$bin/bench-ceiling" "127.0.0.1:$port" "$certs" "$work/answer.json" "${@:2}" \
-      >>"$work/server.log" 2>&1 &
-  fi
-  server_pid=$!
+  start_server "$@"
   await_server 10
 }
 
