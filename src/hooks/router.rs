@@ -22,7 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{info, info_span, warn};
 
-use super::can_update::{can_update_machine, can_update_machine_set};
+use super::can_update::{Refuses, can_update_machine, can_update_machine_set};
 use super::settings::Settings;
 use super::types::{
     API_VERSION, CanUpdateMachineRequest, CanUpdateMachineResponse, CanUpdateMachineSetRequest,
@@ -85,42 +85,17 @@ fn handlers() -> Vec<Handler> {
         Handler {
             hook: Hook::CanUpdateMachine,
             name: "can-update-machine",
-            route: post(|State(state): State<AppState>, body: Body| {
-                serve(
-                    state,
-                    body,
-                    |state, request: CanUpdateMachineRequest| async move {
-                        let refuses =
-                            |settings: &Settings| state.update_machine().refuses(settings);
-                        answer_can_update(
-                            &state,
-                            Hook::CanUpdateMachine,
-                            request.current.machine.as_ref(),
-                            can_update_machine(&request, &refuses),
-                        )
-                    },
-                )
+            route: can_update_route(can_update_machine, |request: &CanUpdateMachineRequest| {
+                request.current.machine.as_ref()
             }),
         },
         Handler {
             hook: Hook::CanUpdateMachineSet,
             name: "can-update-machineset",
-            route: post(|State(state): State<AppState>, body: Body| {
-                serve(
-                    state,
-                    body,
-                    |state, request: CanUpdateMachineSetRequest| async move {
-                        let refuses =
-                            |settings: &Settings| state.update_machine().refuses(settings);
-                        answer_can_update(
-                            &state,
-                            Hook::CanUpdateMachineSet,
-                            request.current.machine_set.as_ref(),
-                            can_update_machine_set(&request, &refuses),
-                        )
-                    },
-                )
-            }),
+            route: can_update_route(
+                can_update_machine_set,
+                |request: &CanUpdateMachineSetRequest| request.current.machine_set.as_ref(),
+            ),
         },
         Handler {
             hook: Hook::UpdateMachine,
@@ -164,6 +139,29 @@ fn handlers() -> Vec<Handler> {
             }),
         },
     ]
+}
+
+/// The route of a CanUpdate hook: `decide` answers the request, declining whatever UpdateMachine
+/// would refuse, and the answer is counted and logged with the current owner's name (`owner`).
+fn can_update_route<Request, Answer>(
+    decide: fn(&Request, Refuses) -> (Answer, &'static str),
+    owner: fn(&Request) -> Option<&RequestObject>,
+) -> MethodRouter<AppState>
+where
+    Request: HookRequest + Send + 'static,
+    Answer: CanUpdateAnswer + Send + 'static,
+{
+    post(move |State(state): State<AppState>, body: Body| {
+        serve(state, body, move |state, request: Request| async move {
+            let refuses = |settings: &Settings| state.update_machine().refuses(settings);
+            answer_can_update(
+                &state,
+                Request::HOOK,
+                owner(&request),
+                decide(&request, &refuses),
+            )
+        })
+    })
 }
 
 /// `[prefix]/hooks.runtime.cluster.x-k8s.io/v1alpha1/<hook lowercased>[/<name>]`.
