@@ -203,30 +203,73 @@ fn boolean(map: &BTreeMap<String, String>, name: &'static str, default: bool) ->
     }
 }
 
-/// The subset of Go's `time.ParseDuration` that ExtensionConfig settings use: one or more
-/// `<integer><unit>` parts with units `h`, `m`, `s` (as in `5m` or `1h30m`).
+/// Go's `time.ParseDuration`, which CAPI users write durations for: an optional sign, then one or
+/// more parts of a decimal number (a fraction allowed: `1.5m`, `.5s`) and a unit, `ns`, `us` (or
+/// `µs`), `ms`, `s`, `m` or `h`; `0` alone needs no unit. `None` for anything else, and for a
+/// negative or overflowing duration, which no setting takes. A fraction is kept to the
+/// nanosecond, the precision of Go's durations.
 fn parse_go_duration(text: &str) -> Option<Duration> {
-    if text.is_empty() || text.len() > 32 {
+    const NANOS_PER: [(&str, u128); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("µs", 1_000),
+        ("μs", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    // Longer than any duration worth writing; it bounds the digits parsed below.
+    if text.len() > 64 {
         return None;
     }
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return None,
-        };
-        let value: u64 = digits.parse().ok()?;
-        total = total.checked_add(value.checked_mul(unit)?)?;
-        digits.clear();
+    let (negative, mut rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    if rest == "0" {
+        return Some(Duration::ZERO);
     }
-    digits.is_empty().then(|| Duration::from_secs(total))
+    if rest.is_empty() {
+        return None;
+    }
+    let digits_end = |text: &str| text.bytes().take_while(u8::is_ascii_digit).count();
+    let mut nanos: u128 = 0;
+    while !rest.is_empty() {
+        let (whole, after) = rest.split_at(digits_end(rest));
+        let (fraction, after) = match after.strip_prefix('.') {
+            Some(after) => after.split_at(digits_end(after)),
+            None => ("", after),
+        };
+        if whole.is_empty() && fraction.is_empty() {
+            return None;
+        }
+        let unit_end = after
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        let scale = NANOS_PER.iter().find(|(name, _)| *name == unit)?.1;
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().ok()?
+        };
+        // Twenty digits of a fraction are below a nanosecond of the largest unit.
+        let fraction = &fraction[..fraction.len().min(20)];
+        let fraction_nanos = match fraction {
+            "" => 0,
+            digits => digits.parse::<u128>().ok()? * scale / 10u128.pow(digits.len() as u32),
+        };
+        nanos = nanos
+            .checked_add(whole.checked_mul(scale)?)?
+            .checked_add(fraction_nanos)?;
+        rest = after;
+    }
+    // Go's durations end at the largest i64 of nanoseconds.
+    if nanos > i64::MAX as u128 || (negative && nanos > 0) {
+        return None;
+    }
+    Some(Duration::from_nanos(u64::try_from(nanos).ok()?))
 }
 
 #[cfg(test)]
@@ -292,13 +335,53 @@ mod test {
         );
     }
 
+    /// What Go's `time.ParseDuration` gives for the same texts.
     #[test]
     fn go_durations() {
-        assert_eq!(parse_go_duration("90s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
-        for bad in ["", "5", "m", "5d", "1.5m", "-5m", "5m30"] {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("90s", ms(90_000)),
+            ("5m", ms(300_000)),
+            ("1h30m", ms(5_400_000)),
+            ("1.5m", ms(90_000)),
+            ("2m30.5s", ms(150_500)),
+            ("1500ms", ms(1_500)),
+            (".5s", ms(500)),
+            ("1.s", ms(1_000)),
+            ("+5m", ms(300_000)),
+            ("0", Duration::ZERO),
+            ("-0s", Duration::ZERO),
+            ("300us", Duration::from_micros(300)),
+            ("300µs", Duration::from_micros(300)),
+            ("1h1ns", Duration::from_nanos(3_600_000_000_001)),
+            ("0.000000001s", Duration::from_nanos(1)),
+        ] {
+            assert_eq!(parse_go_duration(text), Some(want), "{text}");
+        }
+        for bad in [
+            "",
+            "5",
+            "m",
+            "5d",
+            "-5m",
+            "5m30",
+            ".",
+            ".s",
+            "1..5s",
+            "5 m",
+            "5M",
+            "s5",
+            "+",
+            // Beyond Go's largest duration (about 292 years).
+            "2562048h",
+            "99999999999999999999999h",
+        ] {
             assert_eq!(parse_go_duration(bad), None, "{bad}");
         }
+        assert_eq!(
+            parse_go_duration("2562047h"),
+            Some(Duration::from_secs(2_562_047 * 3600))
+        );
     }
 
     /// Each thread remembers the last `artifactURL` it parsed: the same text gives what parsing
