@@ -110,8 +110,8 @@ struct UpgradeArgs {
     #[arg(long)]
     no_drain: bool,
 
-    /// Seconds `kubectl drain` may take.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds `kubectl drain` may take (1 to 7200, as the drainTimeout setting).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=7200))]
     drain_timeout_seconds: u64,
 
     #[command(flatten)]
@@ -297,8 +297,15 @@ async fn cli_source(
     cluster: &str,
 ) -> anyhow::Result<Source> {
     if delivery.fetch_in_node {
+        // Checked as for every other source: the nodes' curl gets it, and errors and the journal
+        // quote it.
+        let source = ArtifactSource::parse(&artifacts.artifact_url)?;
+        anyhow::ensure!(
+            !source.is_local(),
+            "--fetch-in-node needs an http(s) --artifact-url the nodes can reach, not file://"
+        );
         return Ok(Source::FetchInNode {
-            base_url: artifacts.artifact_url.clone(),
+            base_url: source.as_str().to_string(),
         });
     }
     let cache = artifacts.open(user_cache_dir()).await?.get(None).await?;

@@ -52,6 +52,44 @@ async fn upgrade_a_cluster_from_the_command_line() {
         "{}",
         text(&bad.stderr)
     );
+    // Flags are checked before any node is touched: an artifact URL the nodes would fetch
+    // themselves is checked as any other (and never echoes a password), the drain timeout is
+    // bounded as the drainTimeout setting is.
+    for (args, refusal) in [
+        (
+            &["--fetch-in-node", "--artifact-url", "file:///srv/release"][..],
+            "--fetch-in-node needs an http(s) --artifact-url",
+        ),
+        (
+            &[
+                "--fetch-in-node",
+                "--artifact-url",
+                "https://user:secret@mirror/release",
+            ][..],
+            "carries credentials",
+        ),
+        (
+            &[
+                "--fetch-in-node",
+                "--artifact-url",
+                "https://mirror/release?x=1",
+            ][..],
+            "has a query or fragment",
+        ),
+        (&["--drain-timeout-seconds", "0"][..], "not in 1..=7200"),
+        (
+            &["--drain-timeout-seconds", "18446744073709551615"][..],
+            "not in 1..=7200",
+        ),
+    ] {
+        let mut command = vec!["upgrade", "--cluster", "cli", "--to", "v1.32.3"];
+        command.extend(args);
+        let refused = capd_inplace(&command);
+        let stderr = text(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}");
+        assert!(stderr.contains(refusal), "{args:?}: {stderr}");
+        assert!(!stderr.contains("secret"), "{args:?}: {stderr}");
+    }
     let skip = capd_inplace(&[
         "upgrade",
         "--cluster",
@@ -281,6 +319,15 @@ async fn upgrade_a_cluster_from_the_command_line() {
     }
     let table = capd_inplace(&["status", "--cluster", "cli"]);
     assert!(text(&table.stdout).starts_with("NODE"));
+
+    // Staging the next version makes its directory, without a journal: status still shows the
+    // upgrade that ran.
+    let next = stage("v1.33.2");
+    assert!(next.status.success(), "{}", text(&next.stderr));
+    for node in status("cli") {
+        assert_eq!(node["upgrade"]["target"], "v1.32.3", "{node}");
+        assert_eq!(node["upgrade"]["step"], "done", "{node}");
+    }
 
     // Running it again resumes nothing and changes nothing.
     let again = capd_inplace(&[

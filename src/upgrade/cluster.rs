@@ -331,13 +331,31 @@ pub async fn status(docker: &Docker, cluster: &str) -> Result<Vec<NodeReport>, E
     Ok(reports)
 }
 
+/// The journal of the newest version that has one: `stage` makes a version's directory without
+/// a journal, and must not hide an unfinished upgrade to an older version.
 async fn newest_journal(node: &DockerNode, timeout: Duration) -> Option<Journal> {
-    let listing = exec_ok(node, Command::new(["ls", "-1", journal::ROOT]), timeout)
-        .await
-        .ok()?;
+    let find = Command::new([
+        "find",
+        journal::ROOT,
+        "-mindepth",
+        "2",
+        "-maxdepth",
+        "2",
+        "-name",
+        journal::FILE_NAME,
+    ]);
+    let listing = exec_ok(node, find, timeout).await.ok()?;
     let newest: KubeVersion = listing
         .lines()
-        .filter_map(|l| l.trim().parse().ok())
+        .filter_map(|path| {
+            let version = path.trim().strip_suffix(journal::FILE_NAME)?;
+            version
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()?
+                .parse()
+                .ok()
+        })
         .max()?;
     let path = journal::Paths::new(&newest).journal();
     let json = exec_ok(node, Command::new(["cat", path.as_str()]), timeout)

@@ -27,6 +27,8 @@ use super::step::Step;
 use crate::version::KubeVersion;
 
 pub const ROOT: &str = "/var/lib/capd-inplace";
+/// The journal's file name in a version's directory.
+pub const FILE_NAME: &str = "journal.json";
 pub const LOCK_FILE: &str = "/var/lib/capd-inplace/.lock";
 pub const LEASE_FILE: &str = "/var/lib/capd-inplace/lease";
 
@@ -45,7 +47,7 @@ impl Paths {
     }
 
     pub fn journal(&self) -> String {
-        format!("{}/journal.json", self.dir)
+        format!("{}/{FILE_NAME}", self.dir)
     }
 
     pub fn bin_dir(&self) -> String {

@@ -161,12 +161,8 @@ pub fn plan(facts: &Facts, target: &KubeVersion, policy: Policy) -> Result<Plan,
                 .iter()
                 .min()
                 .ok_or(SkewError::NoControlPlane)?;
-            if oldest < target {
-                return Err(SkewError::ControlPlaneBehind {
-                    apiserver: *oldest,
-                    target: *target,
-                });
-            }
+            // The worker's own refusals first: they stand whatever the control plane does, so a
+            // dry run (which expects the control plane to be behind) must not hide them.
             if minor_steps(&from, target) > policy.worker_max_minor_step {
                 return Err(SkewError::SkipsMinor {
                     from,
@@ -176,6 +172,12 @@ pub fn plan(facts: &Facts, target: &KubeVersion, policy: Policy) -> Result<Plan,
             if facts.cluster > *target {
                 return Err(SkewError::ClusterNewer {
                     cluster: facts.cluster,
+                    target: *target,
+                });
+            }
+            if oldest < target {
+                return Err(SkewError::ControlPlaneBehind {
+                    apiserver: *oldest,
                     target: *target,
                 });
             }
@@ -306,6 +308,14 @@ mod tests {
             (
                 "worker jumping two minors by default",
                 facts(Worker, "v1.30.6", "v1.32.3", &["v1.32.3"]),
+                "v1.32.3",
+                Policy::default(),
+                Err("skips a minor"),
+            ),
+            (
+                // A dry run expects the control plane behind; this refusal must still show.
+                "worker jumping two minors while the control plane is behind",
+                facts(Worker, "v1.30.6", "v1.31.4", &["v1.31.4"]),
                 "v1.32.3",
                 Policy::default(),
                 Err("skips a minor"),
