@@ -221,6 +221,45 @@ async fn assert_upgraded(f: &Fixture, node: &str, version: &str, control_plane: 
     );
 }
 
+/// A dry run of a cluster with two control planes: the first would run `kubeadm upgrade apply`,
+/// the second `kubeadm upgrade node` after it (the cluster's version stays old in a dry run, so
+/// each previews apply by itself), and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_of_two_control_planes_applies_once() {
+    let f = fixture("eng-ha-dry", 2, 1, "v1.31.4").await;
+    let results = cluster::upgrade(
+        &f.engine,
+        f.cluster.name(),
+        "v1.32.3".parse().unwrap(),
+        &f.options,
+        1,
+        true,
+        Arc::new(|_: &str, _: &Progress| {}),
+    )
+    .await
+    .unwrap();
+    let modes: Vec<&str> = results
+        .iter()
+        .map(|result| match &result.outcome {
+            NodeOutcome::WouldUpgrade { mode, .. } => mode.as_str(),
+            other => panic!("{}: {other:?}", result.node),
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            "kubeadm upgrade apply",
+            "kubeadm upgrade node after the first control plane",
+            "kubeadm upgrade node after the control plane",
+        ]
+    );
+    assert_eq!(
+        f.cluster.cluster_version().await.unwrap().to_string(),
+        "v1.31.4"
+    );
+    f.cluster.down().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minor_upgrade_of_a_control_plane_and_a_worker() {
     let f = fixture("eng-minor", 1, 1, "v1.31.4").await;

@@ -94,12 +94,14 @@ pub async fn upgrade(
 
     let mut results = Vec::new();
     let mut control_plane_failed = false;
+    let apply = KubeadmMode::Apply.command();
+    let mut apply_planned = false;
     for node in &control_planes {
         if control_plane_failed {
             results.push(result(node, NodeOutcome::Skipped));
             continue;
         }
-        let outcome = one(
+        let mut outcome = one(
             engine,
             &target_of(node),
             options,
@@ -108,6 +110,19 @@ pub async fn upgrade(
             &on_progress,
         )
         .await;
+        // A dry run leaves the cluster at its version, so every control plane previews `kubeadm
+        // upgrade apply`; only the first would run it, the others upgrade as nodes after it.
+        if let NodeOutcome::WouldUpgrade { mode, .. } = &mut outcome
+            && mode.as_str() == apply
+        {
+            if apply_planned {
+                *mode = format!(
+                    "{} after the first control plane",
+                    KubeadmMode::Node.command()
+                );
+            }
+            apply_planned = true;
+        }
         control_plane_failed = outcome.is_failure();
         results.push(result(node, outcome));
     }
