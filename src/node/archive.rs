@@ -243,7 +243,9 @@ fn write_archive(files: Vec<PreparedFile>, writer: ChunkWriter) -> Result<(), Pr
                 builder
                     .append_data(&mut header, &file.entry_path, exact)
                     .map_err(|source| ProduceError {
-                        path: Some(path),
+                        // A closed channel is the request failing (the node gone, a timeout),
+                        // which the caller reports; only a failed read is this file's fault.
+                        path: (source.kind() != io::ErrorKind::BrokenPipe).then_some(path),
                         source,
                     })?;
             }
@@ -524,18 +526,23 @@ mod tests {
         assert!(saw_error, "the body stream must fail too");
     }
 
+    /// Whether from memory or from a host file, a request that stopped reading stops the
+    /// producer, and is not blamed on the file (the upload's own error says what happened).
     #[test]
     fn producer_stops_when_the_receiver_is_gone() {
-        let prepared = prepare(
-            "c",
-            "/tmp",
-            vec![UploadFile::from_bytes("f", vec![0u8; 10 * CHUNK], 0o644)],
-        )
-        .unwrap();
-        let (tx, rx) = mpsc::channel(1);
-        drop(rx);
-        let error = produce(prepared, tx).unwrap_err();
-        assert_eq!(error.source.kind(), io::ErrorKind::BrokenPipe);
+        let mut host = tempfile::NamedTempFile::new().unwrap();
+        host.write_all(&vec![7u8; 10 * CHUNK]).unwrap();
+        for file in [
+            UploadFile::from_bytes("f", vec![0u8; 10 * CHUNK], 0o644),
+            UploadFile::from_path("f", host.path(), 0o644),
+        ] {
+            let prepared = prepare("c", "/tmp", vec![file]).unwrap();
+            let (tx, rx) = mpsc::channel(1);
+            drop(rx);
+            let error = produce(prepared, tx).unwrap_err();
+            assert_eq!(error.source.kind(), io::ErrorKind::BrokenPipe);
+            assert_eq!(error.path, None);
+        }
     }
 
     fn archive_of(entry_type: tar::EntryType, data: &[u8]) -> Vec<u8> {
