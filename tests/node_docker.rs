@@ -360,6 +360,30 @@ async fn a_batch_answers_each_command_as_if_it_ran_alone() {
     assert_eq!(codes, [0, 1, 0]);
 }
 
+/// A batch that times out names its commands by their first words, not by the script and
+/// every argument (which would fill the Machine's condition with kilobytes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_times_out_names_its_commands_briefly() {
+    let Some(docker) = engine().await else { return };
+    let cluster = unique_cluster("batch-timeout");
+    let container = node_of(&docker, NodeSpec::worker(&cluster, "md-0")).await;
+    let node = docker.locate(&cluster, &container.name).await.unwrap();
+
+    let long_script = format!("# {}\ntrue", "x".repeat(4000));
+    let mut batch = Batch::new(Duration::from_secs(2));
+    batch.push_step(&Command::new(["sh", "-c", long_script.as_str()]));
+    batch.push_step(&Command::new(["sleep", "300"]));
+    batch.push_step(&Command::new(["echo", "never shown"]));
+    let error = batch.run(&node).await.unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert!(
+        message.starts_with("`sh -c + sleep 300 + echo` did not finish on container"),
+        "{message}"
+    );
+    assert!(message.len() < 200, "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_timeout_kills_the_command() {
     let Some(docker) = engine().await else { return };

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use super::command::{Command, ExecOutput};
-use super::{Error, NodeExec, Result};
+use super::{Error, NodeExec, Result, is_plain};
 
 /// After a first argument saying how many of the commands are steps (the batch ends after a step
 /// that failed), runs each command given as `<argc> <argv...>` and prints `<exit> <stdout bytes> <stderr bytes>`,
@@ -99,14 +99,61 @@ impl Batch {
                 .arg(argv.len().to_string())
                 .args(argv.iter().cloned());
         }
-        let output = node.exec(command).await?;
+        let output = node.exec(command).await.map_err(|e| self.named(e))?;
         if output.exit_code != 0 {
-            return Err(output.into_error(node.name()));
+            return Err(self.named(output.into_error(node.name())));
         }
         parse(&output.stdout, &self.commands, self.steps).map_err(|reason| Error::Batch {
             container: node.name().to_string(),
             reason,
         })
+    }
+}
+
+impl Batch {
+    /// The exec's error, naming what the batch ran ([`Batch::summary`]) instead of quoting the
+    /// script and every argument: kilobytes (scripts, a kubeadm configuration) that would end up
+    /// in the Machine's condition and its Events.
+    fn named(&self, error: Error) -> Error {
+        match error {
+            Error::Timeout {
+                container, after, ..
+            } => Error::Timeout {
+                container,
+                argv: self.summary(),
+                after,
+            },
+            Error::Exec {
+                container,
+                exit_code,
+                output_tail,
+                ..
+            } => Error::Exec {
+                container,
+                argv: self.summary(),
+                exit_code,
+                output_tail,
+            },
+            other => other,
+        }
+    }
+
+    /// Each command by its first words, up to four and up to the first that needs quoting,
+    /// with `+` between commands: `sh -c + kubeadm upgrade node --config`.
+    fn summary(&self) -> Vec<String> {
+        let mut words = Vec::new();
+        for (index, argv) in self.commands.iter().enumerate() {
+            if index > 0 {
+                words.push("+".to_string());
+            }
+            words.extend(
+                argv.iter()
+                    .take(4)
+                    .take_while(|word| is_plain(word))
+                    .cloned(),
+            );
+        }
+        words
     }
 }
 

@@ -155,11 +155,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 fn quote(argv: &[String]) -> String {
     argv.iter()
         .map(|arg| {
-            let plain = !arg.is_empty()
-                && arg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-            if plain {
+            if is_plain(arg) {
                 arg.clone()
             } else {
                 format!("{arg:?}")
@@ -167,6 +163,14 @@ fn quote(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A word that reads the same unquoted in a message: no spaces, quotes or shell syntax.
+fn is_plain(arg: &str) -> bool {
+    !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
 }
 
 /// A node's role, from the [`ROLE_LABEL`] label. Serialized as the label value.
