@@ -108,9 +108,7 @@ impl Batch {
             reason,
         })
     }
-}
 
-impl Batch {
     /// The exec's error, naming what the batch ran ([`Batch::summary`]) instead of quoting the
     /// script and every argument: kilobytes (scripts, a kubeadm configuration) that would end up
     /// in the Machine's condition and its Events.

@@ -94,35 +94,20 @@ pub async fn upgrade(
 
     let mut results = Vec::new();
     let mut control_plane_failed = false;
-    let apply = KubeadmMode::Apply.command();
-    let mut apply_planned = false;
     for node in &control_planes {
         if control_plane_failed {
             results.push(result(node, NodeOutcome::Skipped));
             continue;
         }
-        let mut outcome = one(
+        let outcome = one(
             engine,
             &target_of(node),
             options,
             dry_run,
-            false,
+            would_upgrade(&results),
             &on_progress,
         )
         .await;
-        // A dry run leaves the cluster at its version, so every control plane previews `kubeadm
-        // upgrade apply`; only the first would run it, the others upgrade as nodes after it.
-        if let NodeOutcome::WouldUpgrade { mode, .. } = &mut outcome
-            && mode.as_str() == apply
-        {
-            if apply_planned {
-                *mode = format!(
-                    "{} after the first control plane",
-                    KubeadmMode::Node.command()
-                );
-            }
-            apply_planned = true;
-        }
         control_plane_failed = outcome.is_failure();
         results.push(result(node, outcome));
     }
@@ -132,9 +117,7 @@ pub async fn upgrade(
     }
     // In a dry run nothing is upgraded, so workers would fail the "control plane first" rule;
     // report them as upgrading after the control plane instead.
-    let control_plane_pending = results
-        .iter()
-        .any(|r| matches!(r.outcome, NodeOutcome::WouldUpgrade { .. }));
+    let control_plane_pending = would_upgrade(&results);
     let worker_results: Vec<NodeResult> = futures::stream::iter(workers.iter())
         .map(|node| {
             let target = target_of(node);
@@ -211,6 +194,15 @@ fn result(node: &DockerNode, outcome: NodeOutcome) -> NodeResult {
     }
 }
 
+/// Whether a dry run's results so far have a control plane that would upgrade first.
+fn would_upgrade(results: &[NodeResult]) -> bool {
+    results
+        .iter()
+        .any(|r| matches!(r.outcome, NodeOutcome::WouldUpgrade { .. }))
+}
+
+/// One node's upgrade, or with `dry_run` its preview; `control_plane_pending`: in a dry run, an
+/// earlier control plane would upgrade before this node.
 async fn one(
     engine: &Engine,
     target: &NodeTarget,
@@ -225,6 +217,17 @@ async fn one(
                 already_at_target: true,
                 ..
             }) => NodeOutcome::AlreadyAtTarget,
+            // A dry run leaves the cluster at its version, so every control plane previews
+            // `kubeadm upgrade apply`; only the first would run it, the others join after it.
+            Ok(preview) if control_plane_pending && preview.mode == KubeadmMode::Apply => {
+                NodeOutcome::WouldUpgrade {
+                    mode: format!(
+                        "{} after the first control plane",
+                        KubeadmMode::Node.command()
+                    ),
+                    from: Some(preview.from),
+                }
+            }
             Ok(preview) => NodeOutcome::WouldUpgrade {
                 mode: preview.mode.command().to_string(),
                 from: Some(preview.from),
